@@ -1,0 +1,8 @@
+"""lipfx: controlled and provable Lipschitz constants for PyTorch models."""
+
+from .errors import LipfxError, ShapeError, TraceError, UnsupportedModuleError
+from .norms import layer_bound
+
+__version__ = "0.1.0"
+
+__all__ = ["layer_bound", "LipfxError", "ShapeError", "TraceError", "UnsupportedModuleError"]
