@@ -1,8 +1,9 @@
 """lipfx: controlled and provable Lipschitz constants for PyTorch models."""
 
 from .errors import LipfxError, ShapeError, TraceError, UnsupportedModuleError
+from .convert import convert
 from .norms import layer_bound
 
 __version__ = "0.1.0"
 
-__all__ = ["layer_bound", "LipfxError", "ShapeError", "TraceError", "UnsupportedModuleError"]
+__all__ = ["convert", "layer_bound", "LipfxError", "ShapeError", "TraceError", "UnsupportedModuleError"]

@@ -1,0 +1,75 @@
+"""torch.fx tracing with shape propagation, and errors that name the module at fault."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceError
+
+Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class _Tracer(fx.Tracer):
+    """fx.Tracer that keeps user-named submodules opaque and remembers where tracing failed."""
+
+    def __init__(self, leaf_modules: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.leaf_names = set(leaf_modules)
+        self.failed_at: Optional[str] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaf_names or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:  # innermost module first: the exception unwinds outwards
+                self.failed_at = self.path_of_module(m)
+            raise
+
+
+def as_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; a failure raises TraceError naming the innermost module."""
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        where = tracer.failed_at
+        place = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else (
+            f"the top-level forward of {type(model).__name__}"
+        )
+        raise TraceError(
+            f"torch.fx cannot trace {place}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            f"Hint: pass leaf_modules=['{where or 'name.of.submodule'}'] to keep that submodule opaque "
+            "(it is then left as it is)."
+        ) from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+@torch.no_grad()
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Inputs) -> None:
+    """Record each node's output shape in ``node.meta['tensor_meta']`` (eval semantics, no grad)."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        ShapeProp(gm).propagate(*as_tuple(example_inputs))
+    finally:
+        gm.train(was_training)
+
+
+def input_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
+    """Shape (without batch dim) of a node's first input, from shape propagation."""
+    arg = node.args[0] if node.args else None
+    meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
+    return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape[1:])
