@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-from torch import nn
 
 from lipfx.norms import layer_bound
 

@@ -26,7 +26,7 @@ from .conv import (
     zero_padded_bound,
 )
 from .estimators import PowerIterationResult, operator_norm, power_iteration
-from .geometry import ConvGeometry, conv_geometry, describe, padding_norm
+from .geometry import ConvGeometry, conv_geometry, describe
 
 __all__ = [
     "layer_bound",

@@ -92,7 +92,6 @@ def _autocorrelation(stacked: torch.Tensor, side: str) -> tuple[torch.Tensor, to
     """
     g, co, ci = stacked.shape[:3]
     kq = stacked.shape[3:]
-    d = len(kq)
     taps = stacked.reshape(g, co, ci, -1).permute(3, 0, 1, 2)  # (T, g, co, ci)
     if side == "in":
         taps = taps.transpose(-1, -2)
