@@ -67,9 +67,3 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Inputs) -> None:
     finally:
         gm.train(was_training)
 
-
-def input_shape(node: fx.Node) -> Optional[tuple[int, ...]]:
-    """Shape (without batch dim) of a node's first input, from shape propagation."""
-    arg = node.args[0] if node.args else None
-    meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
-    return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape[1:])

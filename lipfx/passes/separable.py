@@ -37,6 +37,11 @@ def _make_pair(conv: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
     return depthwise, pointwise
 
 
+def full_rank(conv: nn.Module) -> int:
+    """Channel multiplier of the exact rewrite: min(Cout / groups, k^d)."""
+    return min(conv.out_channels // conv.groups, math.prod(conv.kernel_size))
+
+
 @torch.no_grad()
 def factorize_conv(conv: nn.Module, mode: str = "exact", rank: Optional[int] = None) -> tuple[SeparableConv, Optional[float]]:
     """Depthwise-separable replacement of ``conv`` and its relative kernel error (None for fresh).
@@ -49,7 +54,7 @@ def factorize_conv(conv: nn.Module, mode: str = "exact", rank: Optional[int] = N
     g = conv.groups
     cout, cin_g = conv.weight.shape[:2]
     taps = math.prod(conv.kernel_size)
-    full = min(cout // g, taps)
+    full = full_rank(conv)
     if mode == "fresh":
         r = rank or 1
         depthwise, pointwise = _make_pair(conv, r)
@@ -94,7 +99,7 @@ def rewrite_separable(
             sep, error = factorize_conv(conv, mode, rank)
             replace_submodule(gm, target, sep)
             done[target] = sep
-            report.add(target, f"separable-{mode}", f"rank {sep.rank} of {min(conv.out_channels // conv.groups, math.prod(conv.kernel_size))}", error)
+            report.add(target, f"separable-{mode}", f"rank {sep.rank} of {full_rank(conv)}", error)
         with gm.graph.inserting_before(node):
             dw = gm.graph.call_module(f"{target}.depthwise", node.args, node.kwargs)
             pw = gm.graph.call_module(f"{target}.pointwise", (dw,))
