@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 import torch.fx as fx
 from torch import nn
 
+from .budget import fit_budget
 from .passes import ConversionReport, fold_batchnorm, remove_batchnorm, rewrite_separable
 from .tracing import Inputs, propagate_shapes, trace
 
@@ -22,6 +23,7 @@ def convert(
     separable: Optional[str] = "exact",
     rank: Optional[int] = None,
     leaf_modules: Iterable[str] = (),
+    lipschitz: Optional[float] = None,
 ) -> fx.GraphModule:
     """Trace ``model`` with torch.fx and return an equivalent GraphModule built from
     depthwise-separable convolutions, with BatchNorm folded or removed.
@@ -38,6 +40,10 @@ def convert(
             Depthwise and 1x1 convs are always kept as they are.
         rank: channel multiplier for ``"lowrank"`` (required) and ``"fresh"`` (default 1).
         leaf_modules: names of submodules to keep opaque when tracing (left as they are).
+        lipschitz: a global budget L: every conv/linear layer is rescaled to one common norm K,
+            the largest for which the certificate (:func:`lipfx.certificate`) is <= L; the
+            result is certified again from the new weights. The chosen norms are in the report
+            (action ``'budget'``) and the final certificate in ``lipfx_certificate``.
 
     Returns:
         A ``torch.fx.GraphModule`` whose ``lipfx_report`` (:class:`ConversionReport`) lists what
@@ -58,6 +64,8 @@ def convert(
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, example_inputs)
+    if lipschitz is not None:
+        gm.lipfx_certificate = fit_budget(gm, lipschitz, example_inputs, report)
     gm.train(model.training)
     gm.lipfx_report = report
     return gm

@@ -1,0 +1,176 @@
+"""Bound linear subgraphs as one operator (MATH sections 3 and 8).
+
+A depthwise conv followed by its pointwise partner, a conv followed by an eval BatchNorm, a
+stack of linears with nothing between them, or a residual ``x + conv(x)`` are each a single
+linear map; bounding that map directly is much tighter than multiplying (or adding) the parts'
+bounds. Every such map here is represented as one zero-padded convolution
+(:class:`LinearMap`), with 0 spatial dims for matrices acting on 2-D ``(N, F)`` inputs.
+
+Only compositions that are *exactly* a convolution are formed: at most one factor of a chain may
+have spatial extent (kernel > 1, stride or padding); the others are channel maps (1x1 convs,
+per-channel scales). Two spatial convs in a row are not one conv at the boundary of a
+zero-padded input, so such chains are split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..layers import ChannelAffine
+from ..norms.conv import conv_bound, matrix_norm
+from ..norms.geometry import ConvGeometry, conv_geometry
+
+
+@dataclass(frozen=True)
+class LinearMap:
+    """x -> conv(x) with zero padding: weight (Cout, Cin/groups, *k) in float64, no dilation."""
+
+    weight: torch.Tensor
+    groups: int
+    stride: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    layers: tuple[str, ...]  # names of the modules composed into it, in order
+    pieces: int  # how many factors or summands went into it
+
+    @property
+    def ndim(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def is_channel_map(self) -> bool:
+        return all(k == 1 for k in self.weight.shape[2:]) and all(s == 1 for s in self.stride) and all(
+            p == (0, 0) for p in self.pads
+        )
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    def dense(self) -> torch.Tensor:
+        """The (Cout, Cin, *k) kernel with the group structure written out."""
+        if self.groups == 1:
+            return self.weight
+        g, cout, cin_g = self.groups, self.out_channels, self.weight.shape[1]
+        out = self.weight.new_zeros((cout, cin_g * g) + tuple(self.weight.shape[2:]))
+        for j in range(g):
+            out[j * (cout // g):(j + 1) * (cout // g), j * cin_g:(j + 1) * cin_g] = self.weight[j * (cout // g):(j + 1) * (cout // g)]
+        return out
+
+    def bound(self, in_shape: tuple[int, ...], label: str) -> float:
+        """Sound bound on the map's norm at input shape (C, *spatial), without the batch dim."""
+        if self.ndim == 0:
+            return matrix_norm(self.dense())
+        geom = ConvGeometry(self.weight, self.groups, self.stride, (1,) * self.ndim, self.pads, "zeros")
+        return conv_bound(geom, tuple(in_shape[1:]), label)
+
+
+def _regroup(weight: torch.Tensor, candidates: tuple[int, ...], **kw) -> LinearMap:
+    """Store a dense kernel with the most groups its block-diagonal structure allows."""
+    cout, cin = weight.shape[:2]
+    for g in sorted(set(candidates), reverse=True):
+        if g <= 1 or cout % g or cin % g:
+            continue
+        co, ci = cout // g, cin // g
+        blocks = weight.reshape(g, co, g, ci, *weight.shape[2:])
+        mask = ~torch.eye(g, dtype=torch.bool).reshape(g, 1, g, 1, *([1] * (weight.dim() - 2)))
+        if not (blocks * mask).any():
+            diag = torch.stack([blocks[j, :, j] for j in range(g)])  # (g, co, ci, *k)
+            return LinearMap(diag.reshape(cout, ci, *weight.shape[2:]), g, **kw)
+    return LinearMap(weight, 1, **kw)
+
+
+def compose(outer: LinearMap, inner: LinearMap) -> Optional[LinearMap]:
+    """outer o inner as one LinearMap, or None when that is not exactly a convolution."""
+    if outer.ndim != inner.ndim or outer.in_channels != inner.out_channels:
+        return None
+    if not (outer.is_channel_map or inner.is_channel_map):
+        return None
+    spatial = inner if outer.is_channel_map else outer
+    kw = dict(stride=spatial.stride, pads=spatial.pads, layers=inner.layers + outer.layers,
+              pieces=inner.pieces + outer.pieces)
+    if outer.is_channel_map and outer.weight.shape[1] == 1 and outer.groups == outer.out_channels:
+        # a per-channel scale after anything keeps the inner group structure
+        scale = outer.weight.reshape(-1, *([1] * (inner.weight.dim() - 1)))
+        return LinearMap(inner.weight * scale, inner.groups, **kw)
+    if outer.is_channel_map:
+        # (Cout, Cmid) after a grouped inner map: contract group by group, never densify it
+        g, cmid_g = inner.groups, inner.weight.shape[0] // inner.groups
+        a = outer.dense().flatten(1).reshape(-1, g, cmid_g)
+        blocks = inner.weight.reshape(g, cmid_g, *inner.weight.shape[1:])
+        w = torch.einsum("ogm,gmi...->ogi...", a, blocks).flatten(1, 2)
+    else:
+        g, cmid_g = outer.groups, outer.weight.shape[1]
+        blocks = outer.weight.reshape(g, -1, *outer.weight.shape[1:])  # (g, Cout/g, Cmid/g, *k)
+        b = inner.dense().flatten(1).reshape(g, cmid_g, -1)
+        w = torch.einsum("gom...,gmi->goi...", blocks, b).flatten(0, 1)
+    return _regroup(w, (outer.groups, inner.groups), **kw)
+
+
+def add(a: LinearMap, b: LinearMap, sign: float, in_size: tuple[int, ...], out_size: tuple[int, ...]) -> Optional[LinearMap]:
+    """a + sign * b as one conv; both read the same input and produce outputs of the same size.
+
+    Output o of a map reads inputs o*s - lo + t, t < k: align the kernels on the larger low pad.
+    """
+    if a.ndim != b.ndim or a.stride != b.stride or a.weight.shape[0] != b.weight.shape[0] or a.in_channels != b.in_channels:
+        return None
+    lo = tuple(max(pa[0], pb[0]) for pa, pb in zip(a.pads, b.pads))
+    extent = tuple(
+        max(l - pa[0] + ka, l - pb[0] + kb)
+        for l, pa, pb, ka, kb in zip(lo, a.pads, b.pads, a.weight.shape[2:], b.weight.shape[2:])
+    )
+    # a high pad large enough for every output row; extra rows would only add to the norm
+    hi = tuple(max(0, (o - 1) * s + e - n - l) for o, s, e, n, l in zip(out_size, a.stride, extent, in_size, lo))
+    dense = torch.zeros((a.out_channels, a.in_channels) + extent, dtype=torch.float64)
+    for m, f in ((a, 1.0), (b, sign)):
+        index = (slice(None), slice(None)) + tuple(
+            slice(l - p[0], l - p[0] + k) for l, p, k in zip(lo, m.pads, m.weight.shape[2:])
+        )
+        dense[index] += f * m.dense()
+    return _regroup(dense, (a.groups, b.groups), stride=a.stride, pads=tuple(zip(lo, hi)),
+                    layers=a.layers + b.layers, pieces=a.pieces + b.pieces)
+
+
+def identity(channels: int, ndim: int) -> LinearMap:
+    w = torch.ones((channels, 1) + (1,) * ndim, dtype=torch.float64)
+    return LinearMap(w, channels, (1,) * ndim, ((0, 0),) * ndim, (), 0)
+
+
+def _diagonal(scale: torch.Tensor, ndim: int, name: str) -> LinearMap:
+    w = scale.detach().double().reshape((-1, 1) + (1,) * ndim)
+    return LinearMap(w, w.shape[0], (1,) * ndim, ((0, 0),) * ndim, (name,), 1)
+
+
+def module_map(module: nn.Module, name: str, in_shape: torch.Size) -> Optional[LinearMap]:
+    """The linear part of a module as a LinearMap, or None when it is not one lipfx composes."""
+    ndim = len(in_shape) - 2
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        geom = conv_geometry(module, name)
+        if geom.padding_mode != "zeros" or geom.ndim != ndim:
+            return None
+        return LinearMap(geom.dilated_weight().double(), geom.groups, geom.stride, geom.pads, (name,), 1)
+    if isinstance(module, nn.Linear) and ndim == 0:
+        return LinearMap(module.weight.detach().double(), 1, (), (), (name,), 1)
+    if isinstance(module, ChannelAffine):
+        return _diagonal(module.scale, ndim, name)
+    if isinstance(module, _BatchNorm) and not module.training and module.running_var is not None:
+        a = 1.0 / torch.sqrt(module.running_var.detach().double() + module.eps)
+        if module.weight is not None:
+            a = a * module.weight.detach().double()
+        return _diagonal(a, ndim, name)
+    if isinstance(module, (nn.Identity, nn.Dropout)) and not module.training:
+        return identity(int(in_shape[1]), ndim) if len(in_shape) >= 2 else None
+    return None
+
+
+def sole_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
