@@ -40,7 +40,7 @@ def _const(value: float, method: str) -> Callable[[NodeContext], Step]:
 # --- modules ----------------------------------------------------------------------------------
 _FIXED_MODULES = {
     (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.LogSigmoid,
-     nn.Tanhshrink, nn.CELU, nn.Identity): (1.0, "activation: max|sigma'| = 1"),
+     nn.Tanhshrink, nn.CELU): (1.0, "activation: max|sigma'| = 1"),
     (nn.Sigmoid,): (SIGMOID, "activation: sigmoid' <= 1/4"),
     (nn.SiLU,): (SILU, "activation: SiLU' <= 1.0998"),
     (nn.Mish,): (MISH, "activation: Mish' <= 1.0885"),
@@ -51,6 +51,9 @@ _FIXED_MODULES = {
 }
 for _types, (_value, _method) in _FIXED_MODULES.items():
     register_module_rule(*_types)(_const(_value, _method))
+
+
+register_module_rule(nn.Identity)(lambda ctx: Step.scale(1.0, "identity", linear=True))
 
 
 @register_module_rule(nn.GELU)
@@ -83,7 +86,7 @@ def _log_softmax_module(ctx: NodeContext) -> Step:
 def _dropout_module(ctx: NodeContext) -> Step:
     if ctx.module.training:
         raise Unbounded(f"{ctx.label}: dropout in training mode is random; certify in eval mode")
-    return Step.scale(1.0, "dropout (eval): identity")
+    return Step.scale(1.0, "dropout (eval): identity", linear=True)
 
 
 def _gelu(approximate: str) -> Step:
@@ -154,4 +157,4 @@ def _log_softmax_method(ctx: NodeContext) -> Step:
 def _dropout_function(ctx: NodeContext) -> Step:
     if ctx.arg(2, "train" if ctx.node.target is torch.dropout else "training", True):
         raise Unbounded(f"{ctx.label}: dropout traced in training mode is random; trace in eval mode")
-    return Step.scale(1.0, "dropout (eval): identity")
+    return Step.scale(1.0, "dropout (eval): identity", linear=True)

@@ -24,10 +24,12 @@ from torch import nn
 from ..errors import LipfxError
 from ..norms import METHODS
 from ..tracing import Inputs, as_tuple, trace
-from . import activations, rules  # noqa: F401  (registers the rules)
+from . import activations, rules
 from .linear_chains import LinearMap, add, compose, identity, module_map, sole_user
-from .registry import NodeContext, Step, Unbounded, find_rule, op_name
+from .dense import DENSE_MAX, linear_region, region_norm
+from .registry import NodeContext, Step, Unbounded, find_rule, numel, op_name
 
+_RULE_MODULES = (activations, rules)  # imported for their registrations
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
 _ADDS = {operator.add: 1.0, operator.iadd: 1.0, torch.add: 1.0, operator.sub: -1.0, operator.isub: -1.0, torch.sub: -1.0}
@@ -53,6 +55,7 @@ class NodeRecord:
     map_bound: Optional[float] = None  # bound on the composed map's norm alone
     layers: tuple[str, ...] = ()  # modules in the composed map
     homogeneous: bool = True  # the map scales with the product of its layers' scales
+    composed_method: Optional[str] = None  # 'composed conv of k ops' or 'dense region of k ops'
 
 
 @dataclass
@@ -148,7 +151,7 @@ class Certificate:
                 continue
             method = r.method
             if r.composed is not None:
-                method += f" | composed over {len(r.layers)} layers: {_fmt(r.composed)} vs parts {_fmt(r.product)}"
+                method += f" | {r.composed_method}: {_fmt(r.composed)} vs parts {_fmt(r.product)}"
             lines.append(f"{r.name[:34]:<34} {r.op[:22]:<22} {_fmt(r.local):>11} {_fmt(r.bound):>11}  {method}")
         return "\n".join(lines)
 
@@ -326,6 +329,7 @@ def certificate(
     *,
     method: str = "auto",
     compose_linear: bool = True,
+    dense_max: int = DENSE_MAX,
     leaf_modules: Iterable[str] = (),
 ) -> Certificate:
     """A sound upper bound on the Lipschitz constant (l2 -> l2, eval mode) of ``model``.
@@ -338,7 +342,8 @@ def certificate(
             bounds, except reductions over the batch dim) it is the per-sample constant.
         method: the layer-bound method (see :func:`lipfx.layer_bound`).
         compose_linear: also bound linear subgraphs as one operator (tighter; each record keeps
-            both numbers).
+            both numbers): chains and residual sums that are one conv, and linear regions whose
+            dense matrix has at most ``dense_max`` entries (exact norm of the region).
         leaf_modules: submodule names kept opaque when tracing a plain model.
 
     Returns:
@@ -360,21 +365,56 @@ def certificate(
                 observer.run(*inputs)
             except Exception as exc:
                 raise LipfxError(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}") from exc
-        return _walk(gm, observer, dependent, method, compose_linear, inputs)
+        return _walk(gm, observer, dependent, method, compose_linear, dense_max, inputs)
     finally:
         model.train(was_training)
 
 
-def _walk(gm, observer: _Observer, dependent, method: str, compose_linear: bool, inputs) -> Certificate:
+def _steps(gm, order, dependent, shapes, constants, method) -> tuple[dict, dict]:
+    """Pass 1: every input-dependent node's rule (independent of the bounds themselves)."""
+    modules = dict(gm.named_modules())
+    steps: dict[fx.Node, Step] = {}
+    reasons: dict[fx.Node, str] = {}
+    for n in order:
+        if n not in dependent or n.op == "placeholder":
+            continue
+        ins = _flat_inputs(n, dependent)
+        if n.op == "output":
+            steps[n] = Step(tuple(1.0 for _ in ins), "network output", combine="l2")
+            continue
+        module = modules.get(n.target) if n.op == "call_module" else None
+        ctx = NodeContext(n, module, n.target if module is not None else None, ins, shapes, constants, method)
+        rule = find_rule(n, module)
+        try:
+            if rule is None:
+                raise Unbounded(
+                    f"{ctx.label}: no Lipschitz rule for {ctx.op_name}; register one with "
+                    "lipfx.certify.register_module_rule / register_function_rule / register_method_rule"
+                )
+            step = rule(ctx)
+        except Unbounded as exc:
+            reasons[n] = str(exc)
+            step = Step(tuple(math.inf for _ in ins), "unbounded")
+        except LipfxError:
+            raise
+        except Exception as exc:
+            raise LipfxError(f"{ctx.label}: its Lipschitz rule failed: {type(exc).__name__}: {exc}") from exc
+        if len(step.factors) != len(ins):
+            raise LipfxError(f"{ctx.label}: rule gave {len(step.factors)} factors for {len(ins)} inputs")
+        steps[n] = step
+    return steps, reasons
+
+
+def _walk(gm, observer: _Observer, dependent, method: str, compose_linear: bool, dense_max: int, inputs) -> Certificate:
     dag = _dag(gm.graph)
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     order = list(nx.lexicographical_topological_sort(dag, key=index.__getitem__))  # fx order where free
     shapes, constants = observer.shapes, observer.constants
+    steps, reasons = _steps(gm, order, dependent, shapes, constants, method)
     forms = _linear_forms(gm, order, shapes, dependent) if compose_linear else {}
     modules = dict(gm.named_modules())
     bound: dict[fx.Node, float] = {}
     records: list[NodeRecord] = []
-    culprits: dict[fx.Node, Culprit] = {}
     for n in order:
         if n not in dependent:
             bound[n] = 0.0
@@ -383,49 +423,17 @@ def _walk(gm, observer: _Observer, dependent, method: str, compose_linear: bool,
         name = op_name(n, module) if n.op not in ("placeholder", "output") else n.op
         target = n.target if n.op == "call_module" else name
         ins = _flat_inputs(n, dependent)
-        reason = None
         if n.op == "placeholder":
-            step = Step((1.0,), "network input")
-        elif n.op == "output":
-            step = Step(tuple(1.0 for _ in ins), "network output", combine="l2")
-        else:
-            ctx = NodeContext(n, module, n.target if module is not None else None, ins, shapes, constants, method)
-            rule = find_rule(n, module)
-            try:
-                if rule is None:
-                    raise Unbounded(
-                        f"{ctx.label}: no Lipschitz rule for {name}; register one with "
-                        "lipfx.certify.register_module_rule / register_function_rule / register_method_rule"
-                    )
-                step = rule(ctx)
-            except Unbounded as exc:
-                reason = str(exc)
-                step = Step(tuple(math.inf for _ in ins), "unbounded")
-                culprits[n] = Culprit(n.name, name, reason)
-            except LipfxError:
-                raise
-            except Exception as exc:
-                raise LipfxError(f"{ctx.label}: its Lipschitz rule failed: {type(exc).__name__}: {exc}") from exc
-            if n.op != "placeholder" and len(step.factors) != len(ins):
-                raise LipfxError(f"{ctx.label}: rule gave {len(step.factors)} factors for {len(ins)} inputs")
-        if n.op == "placeholder":
-            value = 1.0
-        elif reason is not None:
-            value = math.inf
-        else:
-            value = _combine([_times(f, bound[i]) for f, i in zip(step.factors, ins)], step.combine)
-        local = 1.0 if n.op == "placeholder" else math.inf if reason else step.local
-        rec = NodeRecord(n.name, name, str(target), local, step.method, value, tuple(i.name for i in ins),
-                         tuple(step.factors) if ins else (), step.combine, reason)
-        if n in forms:
-            f = forms[n]
-            label = f"composed map {' -> '.join(f.map.layers) or n.name}"
-            map_bound = f.map.bound(tuple(shapes[f.source][1:]), label)
-            rec.product, rec.map_bound, rec.source = value, map_bound, f.source.name
-            rec.composed = _times(map_bound, bound[f.source])
-            rec.layers, rec.homogeneous = f.map.layers, f.homogeneous
-            value = min(value, rec.composed)
-            rec.bound = value
+            bound[n] = 1.0
+            records.append(NodeRecord(n.name, name, str(target), 1.0, "network input", 1.0))
+            continue
+        step, reason = steps[n], reasons.get(n)
+        value = math.inf if reason else _combine([_times(f, bound[i]) for f, i in zip(step.factors, ins)], step.combine)
+        rec = NodeRecord(n.name, name, str(target), math.inf if reason else step.local, step.method, value,
+                         tuple(i.name for i in ins), tuple(step.factors), step.combine, reason)
+        if compose_linear and not reason:
+            value = _compose_bounds(gm, n, rec, forms.get(n), steps, dependent, index, shapes, constants, bound,
+                                    dense_max)
         bound[n] = value
         records.append(rec)
     output = next(n for n in reversed(order) if n.op == "output")
@@ -433,5 +441,39 @@ def _walk(gm, observer: _Observer, dependent, method: str, compose_linear: bool,
     unbounded = []
     if math.isinf(total):
         upstream = nx.ancestors(dag, output)
-        unbounded = [c for n, c in culprits.items() if n in upstream]
+        unbounded = [Culprit(n.name, op_name(n, modules.get(n.target) if n.op == "call_module" else None), r)
+                     for n, r in reasons.items() if n in upstream]
     return Certificate(total, records, unbounded, tuple(tuple(x.shape) for x in inputs), method)
+
+
+def _compose_bounds(gm, n, rec: NodeRecord, form, steps, dependent, index, shapes, constants, bound,
+                    dense_max: int) -> float:
+    """Bound the linear map ending at ``n`` as one operator where that is tighter; updates ``rec``."""
+    candidates = []  # (cumulative bound, map bound, source, layers, homogeneous, how)
+    if form is not None:
+        label = f"composed map {' -> '.join(form.map.layers) or n.name}"
+        b = form.map.bound(tuple(shapes[form.source][1:]), label)
+        candidates.append((_times(b, bound[form.source]), b, form.source, form.map.layers, form.homogeneous,
+                           f"composed conv of {form.map.pieces} ops"))
+    step = steps.get(n)
+    users = [u for u in n.users if u in dependent]
+    is_end = step is not None and step.linear and not (len(users) == 1 and steps.get(users[0]) is not None
+                                                        and steps[users[0]].linear and users[0].op != "output")
+    if is_end:
+        region = linear_region(n, steps, dependent, index)
+        if region is not None:
+            source, nodes = region
+            if isinstance(shapes.get(source), torch.Size) and isinstance(shapes.get(n), torch.Size) and (
+                numel(shapes[source]) * numel(shapes[n]) <= dense_max
+            ):
+                b = region_norm(gm, source, nodes, constants, shapes[source])
+                candidates.append((_times(b, bound[source]), b, source, (), False, f"dense region of {len(nodes)} ops"))
+    if not candidates:
+        return rec.bound
+    best = min(candidates, key=lambda c: c[0])
+    rec.product = rec.bound
+    rec.composed, rec.map_bound, rec.layers, rec.homogeneous, rec.composed_method = (
+        best[0], best[1], best[3], best[4], best[5])
+    rec.source = best[2].name
+    rec.bound = min(rec.bound, best[0])
+    return rec.bound

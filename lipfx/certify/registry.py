@@ -40,11 +40,12 @@ class Step:
     factors: tuple[float, ...]
     method: str
     combine: str = "sum"
+    linear: bool = False  # affine in its input-dependent inputs (a linear region may span it)
 
     @staticmethod
-    def scale(factor: float, method: str) -> "Step":
+    def scale(factor: float, method: str, linear: bool = False) -> "Step":
         """A one-input op with Lipschitz constant ``factor``."""
-        return Step((float(factor),), method)
+        return Step((float(factor),), method, linear=linear)
 
     @property
     def local(self) -> float:

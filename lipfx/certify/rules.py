@@ -45,6 +45,11 @@ STATISTICS_REASON = (
 ATTENTION_REASON = "attention softmax(QK^T)V multiplies input-dependent tensors: not globally Lipschitz"
 
 
+def _linear(factor: float, method: str) -> Step:
+    """An affine one-input op with operator norm ``factor``."""
+    return Step.scale(factor, method, linear=True)
+
+
 def _tuple(value: Any, d: int) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * d
 
@@ -54,7 +59,7 @@ def _tuple(value: Any, d: int) -> tuple:
 def _weighted_layer(ctx: NodeContext) -> Step:
     shape = tuple(ctx.shape()[1:])
     method = "exact SVD" if isinstance(ctx.module, nn.Linear) else f"layer_bound({ctx.method})"
-    return Step.scale(layer_bound(ctx.module, shape, ctx.method, ctx.module_name), method)
+    return _linear(layer_bound(ctx.module, shape, ctx.method, ctx.module_name), method)
 
 
 @register_module_rule(SeparableConv)
@@ -63,12 +68,12 @@ def _separable(ctx: NodeContext) -> Step:
     dw = layer_bound(ctx.module.depthwise, shape, ctx.method, f"{ctx.module_name}.depthwise")
     mid = (ctx.module.depthwise.out_channels,) + tuple(ctx.shapes[ctx.node][2:])
     pw = layer_bound(ctx.module.pointwise, mid, ctx.method, f"{ctx.module_name}.pointwise")
-    return Step.scale(dw * pw, "product of depthwise and pointwise bounds")
+    return _linear(dw * pw, "product of depthwise and pointwise bounds")
 
 
 @register_module_rule(ChannelAffine)
 def _channel_affine(ctx: NodeContext) -> Step:
-    return Step.scale(_max_abs(ctx.module.scale), "per-channel scale: max|a|")
+    return _linear(_max_abs(ctx.module.scale), "per-channel scale: max|a|")
 
 
 def _max_abs(t: torch.Tensor) -> float:
@@ -81,7 +86,7 @@ def _batchnorm(ctx: NodeContext) -> Step:
     if m.training or m.running_var is None:
         raise Unbounded(f"{ctx.label}: {'train-mode ' if m.training else ''}{type(m).__name__} {STATISTICS_REASON}")
     a = _bn_scale(m.running_var, m.weight, m.eps)
-    return Step.scale(a, "eval BatchNorm: max|gamma / sqrt(var + eps)|")
+    return _linear(a, "eval BatchNorm: max|gamma / sqrt(var + eps)|")
 
 
 def _bn_scale(var: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> float:
@@ -98,7 +103,7 @@ def _batchnorm_function(ctx: NodeContext) -> Step:
         raise Unbounded(f"{ctx.label}: batch_norm with batch statistics {STATISTICS_REASON}")
     if weight is not None and not isinstance(weight, torch.Tensor):
         raise Unbounded(f"{ctx.label}: batch_norm with an input-dependent weight")
-    return Step.scale(_bn_scale(var, weight, ctx.arg(7, "eps", 1e-5)), "eval batch_norm: max|gamma / sqrt(var + eps)|")
+    return _linear(_bn_scale(var, weight, ctx.arg(7, "eps", 1e-5)), "eval batch_norm: max|gamma / sqrt(var + eps)|")
 
 
 def _unbounded(reason: str) -> Callable[[NodeContext], Step]:
@@ -224,13 +229,13 @@ def _avgpool_step(ctx, d, kernel, stride, padding, ceil_mode, count_include_pad,
     kernel = _tuple(kernel, d)
     stride = _tuple(stride if stride not in (None, []) else kernel, d)
     f = _avgpool_factor(in_sp, out_sp, kernel, stride, _tuple(padding, d), ceil_mode, count_include_pad, divisor_override)
-    return Step.scale(f, "average pooling: exact norm (product of 1-D maps)")
+    return _linear(f, "average pooling: exact norm (product of 1-D maps)")
 
 
 @register_module_rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 def _adaptive_avg_module(ctx: NodeContext) -> Step:
     in_sp, out_sp = _pool_dims(ctx, _POOL_DIM[type(ctx.module)])
-    return Step.scale(_adaptive_avg_factor(in_sp, out_sp), "adaptive average pooling: exact norm")
+    return _linear(_adaptive_avg_factor(in_sp, out_sp), "adaptive average pooling: exact norm")
 
 
 @register_module_rule(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
@@ -260,7 +265,7 @@ def _register_functional_pools() -> None:
     for d, fn in ((1, F.adaptive_avg_pool1d), (2, F.adaptive_avg_pool2d), (3, F.adaptive_avg_pool3d)):
         def rule(ctx: NodeContext, d: int = d) -> Step:
             in_sp, out_sp = _pool_dims(ctx, d)
-            return Step.scale(_adaptive_avg_factor(in_sp, out_sp), "adaptive average pooling: exact norm")
+            return _linear(_adaptive_avg_factor(in_sp, out_sp), "adaptive average pooling: exact norm")
 
         register_function_rule(fn)(rule)
     for d, fn in ((1, F.adaptive_max_pool1d), (2, F.adaptive_max_pool2d), (3, F.adaptive_max_pool3d)):
@@ -303,7 +308,7 @@ def _interpolation_factor(ctx: NodeContext, size, scale_factor, mode, align_corn
             out = F.interpolate(eye, scale_factor=tuple(sf), mode=mode, **kwargs)
         return out.reshape(n, -1)
 
-    return Step.scale(_separable_norm(in_sp, one_dim), f"interpolation ({mode}): exact norm (product of 1-D maps)")
+    return _linear(_separable_norm(in_sp, one_dim), f"interpolation ({mode}): exact norm (product of 1-D maps)")
 
 
 @register_module_rule(nn.Upsample)
@@ -322,13 +327,13 @@ def _interpolate_function(ctx: NodeContext) -> Step:
 
 def _pad_factor(ctx: NodeContext, pad: Sequence[int], mode: str) -> Step:
     if mode in ("constant", "zeros"):
-        return Step.scale(1.0, "constant padding: norm 1")
+        return _linear(1.0, "constant padding: norm 1")
     shape = ctx.shape()
     count = 1
     for j in range(len(pad) // 2):  # pad lists the last dim first
         n = int(shape[-1 - j])
         count *= padding_multiplicity(mode, n, max(pad[2 * j], 0), max(pad[2 * j + 1], 0))
-    return Step.scale(math.sqrt(count), f"{mode} padding: sqrt(most copies of one element)")
+    return _linear(math.sqrt(count), f"{mode} padding: sqrt(most copies of one element)")
 
 
 @register_function_rule(F.pad)
@@ -349,7 +354,7 @@ def _pad_module(ctx: NodeContext) -> Step:
 
 # --- shape ops: permutations and selections have norm 1 ---------------------------------------
 def _one(method: str) -> Callable[[NodeContext], Step]:
-    return lambda ctx: Step.scale(1.0, method)
+    return lambda ctx: _linear(1.0, method)
 
 
 _RESHAPE = "reshape/permute/select: norm 1"
@@ -357,14 +362,15 @@ register_module_rule(nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffl
 register_function_rule(
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.squeeze, torch.unsqueeze,
     torch.chunk, torch.split, torch.unbind, torch.narrow, torch.movedim, torch.roll, torch.flip, torch.t,
-    torch.clone, torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle, torch.abs, operator.abs,
-    operator.neg, operator.pos, torch.neg, torch.unflatten,
+    torch.clone, torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle, operator.neg, operator.pos, torch.neg, torch.unflatten,
 )(_one(_RESHAPE))
 register_method_rule(
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "swapaxes", "t", "contiguous", "squeeze",
     "unsqueeze", "view_as", "reshape_as", "narrow", "movedim", "chunk", "split", "unbind", "to", "float",
-    "double", "clone", "detach", "type_as", "roll", "flip", "abs", "neg", "__neg__",
+    "double", "clone", "detach", "type_as", "roll", "flip", "neg", "__neg__",
 )(_one(_RESHAPE))
+register_function_rule(torch.abs, operator.abs)(lambda ctx: Step.scale(1.0, "|x|: 1-Lipschitz"))
+register_method_rule("abs")(lambda ctx: Step.scale(1.0, "|x|: 1-Lipschitz"))
 
 
 @register_function_rule(operator.getitem)
@@ -373,7 +379,7 @@ def _getitem(ctx: NodeContext) -> Step:
     if ctx.depends(index) or _contains_dependent(ctx, index):
         raise Unbounded(f"{ctx.label}: indexing with input-dependent indices is not continuous")
     if not isinstance(ctx.shapes.get(obj), torch.Size):
-        return Step.scale(1.0, "item of a tuple: norm <= 1")
+        return _linear(1.0, "item of a tuple: norm <= 1")
     copies = 1
     for item in index if isinstance(index, tuple) else (index,):
         item = ctx.value(item)
@@ -383,7 +389,7 @@ def _getitem(ctx: NodeContext) -> Step:
         elif isinstance(item, (list, tuple)) and item and all(isinstance(i, int) for i in item):
             copies *= max(Counter(item).values())
     method = "selection: norm 1" if copies == 1 else "indexing with repeats: sqrt(most copies)"
-    return Step.scale(math.sqrt(copies), method)
+    return _linear(math.sqrt(copies), method)
 
 
 def _contains_dependent(ctx: NodeContext, index: Any) -> bool:
@@ -395,7 +401,7 @@ def _contains_dependent(ctx: NodeContext, index: Any) -> bool:
 
 
 def _copies(ctx: NodeContext) -> Step:
-    return Step.scale(broadcast_factor(ctx.shape(), ctx.out_shape), "copies elements: sqrt(copies)")
+    return _linear(broadcast_factor(ctx.shape(), ctx.out_shape), "copies elements: sqrt(copies)")
 
 
 register_method_rule("expand", "expand_as", "repeat", "tile", "broadcast_to")(_copies)
@@ -406,7 +412,7 @@ register_function_rule(torch.tile, torch.broadcast_to)(_copies)
 def _repeat_interleave(ctx: NodeContext) -> Step:
     repeats = ctx.arg(1, "repeats")
     if isinstance(repeats, torch.Tensor) and repeats.numel() > 1:
-        return Step.scale(math.sqrt(float(repeats.max())), "copies elements: sqrt(most copies)")
+        return _linear(math.sqrt(float(repeats.max())), "copies elements: sqrt(most copies)")
     return _copies(ctx)
 
 
@@ -417,8 +423,8 @@ def _reduction(kind: str) -> Callable[[NodeContext], Step]:
     def rule(ctx: NodeContext) -> Step:
         n = numel(ctx.shape()) / max(numel(ctx.out_shape), 1)  # values reduced into each output
         if kind == "mean":
-            return Step.scale(1.0 / math.sqrt(n), "mean of n values: 1/sqrt(n)")
-        return Step.scale(math.sqrt(n), "sum of n values: sqrt(n)")
+            return _linear(1.0 / math.sqrt(n), "mean of n values: 1/sqrt(n)")
+        return _linear(math.sqrt(n), "sum of n values: sqrt(n)")
 
     return rule
 
@@ -446,7 +452,7 @@ def _add_sub(sign: float) -> Callable[[NodeContext], Step]:
         alpha = ctx.arg(2, "alpha", 1)
         if ctx.depends(alpha):
             return _product(ctx)
-        return Step(_operand_factors(ctx, [(a, 1.0), (b, sign * alpha)]), "sum: triangle inequality")
+        return Step(_operand_factors(ctx, [(a, 1.0), (b, sign * alpha)]), "sum: triangle inequality", linear=True)
 
     return rule
 
@@ -474,7 +480,7 @@ def _mul(ctx: NodeContext) -> Step:
         _product(ctx)
     dep, const = (a, b) if ctx.depends(a) else (b, a)
     c = _max_abs_value(ctx.value(const))
-    return Step((c * broadcast_factor(ctx.shape(dep), ctx.out_shape),), "times a constant: max|c|")
+    return _linear(c * broadcast_factor(ctx.shape(dep), ctx.out_shape), "times a constant: max|c|")
 
 
 register_method_rule("mul", "mul_", "__mul__", "__rmul__")(_mul)
@@ -491,7 +497,8 @@ def _div(ctx: NodeContext) -> Step:
     smallest = float(denominator.double().abs().min()) if isinstance(denominator, torch.Tensor) else abs(float(denominator))
     if smallest == 0.0:
         raise Unbounded(f"{ctx.label}: division by a constant that contains 0")
-    return Step((broadcast_factor(ctx.shape(a), ctx.out_shape) / smallest * (1 + RELATIVE_SLACK),), "divided by a constant: 1/min|c|")
+    factor = broadcast_factor(ctx.shape(a), ctx.out_shape) / smallest * (1 + RELATIVE_SLACK)
+    return _linear(factor, "divided by a constant: 1/min|c|")
 
 
 register_method_rule("div", "div_", "__truediv__")(_div)
@@ -505,7 +512,7 @@ def _matmul(ctx: NodeContext) -> Step:
     const = ctx.value(b if ctx.depends(a) else a)
     if not isinstance(const, torch.Tensor) or const.dim() > 2:
         raise Unbounded(f"{ctx.label}: matmul with a batched or non-tensor constant has no rule")
-    return Step.scale(matrix_norm(const.reshape(-1, 1) if const.dim() == 1 else const), "times a constant matrix: exact SVD")
+    return _linear(matrix_norm(const.reshape(-1, 1) if const.dim() == 1 else const), "times a constant matrix: exact SVD")
 
 
 register_method_rule("matmul", "mm", "__matmul__")(_matmul)
@@ -515,12 +522,12 @@ register_method_rule("matmul", "mm", "__matmul__")(_matmul)
 def _linear_function(ctx: NodeContext) -> Step:
     if ctx.depends(ctx.node.args[1] if len(ctx.node.args) > 1 else ctx.node.kwargs.get("weight")):
         _product(ctx)
-    return Step.scale(matrix_norm(ctx.arg(1, "weight")), "exact SVD")
+    return _linear(matrix_norm(ctx.arg(1, "weight")), "exact SVD")
 
 
 def _concat(ctx: NodeContext) -> Step:
     # the parts are disjoint blocks of the output: L = sqrt(sum L_i^2)
-    return Step(tuple(1.0 for _ in ctx.inputs), "concatenation: sqrt(sum of squares)", combine="l2")
+    return Step(tuple(1.0 for _ in ctx.inputs), "concatenation: sqrt(sum of squares)", combine="l2", linear=True)
 
 
 register_function_rule(torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack, torch.vstack)(_concat)
@@ -538,7 +545,7 @@ def _register_torchvision() -> None:
     def _stochastic_depth(ctx: NodeContext) -> Step:
         if ctx.arg(3, "training", True) and ctx.arg(1, "p", 0.0) > 0:
             raise Unbounded(f"{ctx.label}: stochastic depth traced in training mode is random; trace in eval mode")
-        return Step.scale(1.0, "stochastic depth (eval): identity")
+        return _linear(1.0, "stochastic depth (eval): identity")
 
     register_function_rule(swin_transformer.shifted_window_attention)(_unbounded(ATTENTION_REASON))
     # zero padding then a permutation of the elements
