@@ -21,7 +21,7 @@ SILU = 1.09984  # x sigmoid(x), at x ~ 2.3994
 MISH = 1.08850
 SELU = 1.75810  # scale * alpha, the left limit at 0
 HARDSWISH = 1.5  # (2x + 3) / 6 at x -> 3
-HARDSIGMOID = 1.0 / 6.0
+HARDSIGMOID = 0.1666667  # 1/6, rounded up: torch computes the slope as float32(1/6)
 SIGMOID = 0.25
 SOFTMAX = 0.5  # ||diag(p) - p p^T|| <= 1/2
 
