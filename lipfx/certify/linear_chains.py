@@ -137,7 +137,7 @@ def add(a: LinearMap, b: LinearMap, sign: float, in_size: tuple[int, ...], out_s
         )
         dense[index] += f * m.dense()
     return _regroup(dense, (a.groups, b.groups), stride=a.stride, pads=tuple(zip(lo, hi)),
-                    layers=a.layers + b.layers, pieces=a.pieces + b.pieces)
+                    layers=a.layers + b.layers, pieces=max(2, a.pieces + b.pieces))
 
 
 def identity(channels: int, ndim: int) -> LinearMap:
