@@ -76,8 +76,10 @@ def test_random_graphs_are_sound(seed):
     shape = (1, 3, 6, 6)
     cert = lipfx.certificate(net, torch.zeros(shape, dtype=torch.float64))
     assert math.isfinite(cert.bound)
+    # without the dense path: only the conv compositions tighten the chain rule
+    convs_only = lipfx.certificate(net, torch.zeros(shape, dtype=torch.float64), dense_max=0)
     found = empirical_lipschitz(net, shape, starts=3, iters=25, ascent=30)
-    assert 0 < found <= cert.bound, (seed, [b.kind for b in net.blocks], found, cert.bound)
+    assert 0 < found <= cert.bound <= convs_only.bound, (seed, [b.kind for b in net.blocks], found, cert.bound)
 
 
 def test_empirical_lower_bound_finds_the_norm_of_linear_nets():
@@ -220,7 +222,7 @@ def test_zoo_certificates_are_sound(name, size, kwargs):
     size = 32 if size == 64 and name not in ("alexnet", "squeezenet1_0") else size  # keep CI fast
     x = torch.randn(1, 3, size, size)
     # the large models only converted: their plain certificates cost the same again
-    nets = [lipfx.convert(model, x).eval()] if name in SLOW else [model, lipfx.convert(model, x).eval()]
+    nets = [lipfx.convert(model, x).eval()] if name in SLOW | {"vgg11", "alexnet"} else [model, lipfx.convert(model, x).eval()]
     for net in nets:
         cert = lipfx.certificate(net, x)
         if name in UNBOUNDED:
