@@ -61,6 +61,8 @@ class RandomNet(nn.Module):
         super().__init__()
         rng = random.Random(seed)
         self.blocks = nn.ModuleList(Block(rng, c) for _ in range(rng.randint(2, 4)))
+        # every activation appears over the seeds: the first block is a residual through it
+        self.blocks[0].kind, self.blocks[0].act = "residual", ACTIVATIONS[seed % len(ACTIVATIONS)]()
         self.head = nn.Linear(c, 5)
 
     def forward(self, x):
@@ -78,7 +80,7 @@ def test_random_graphs_are_sound(seed):
     assert math.isfinite(cert.bound)
     # without the dense path: only the conv compositions tighten the chain rule
     convs_only = lipfx.certificate(net, torch.zeros(shape, dtype=torch.float64), dense_max=0)
-    found = empirical_lipschitz(net, shape, starts=3, iters=25, ascent=30)
+    found = empirical_lipschitz(net, shape, starts=2, iters=20, ascent=25)
     assert 0 < found <= cert.bound <= convs_only.bound, (seed, [b.kind for b in net.blocks], found, cert.bound)
 
 
