@@ -1,4 +1,5 @@
-"""The ``lipfx`` command line. Today: per-layer norm bounds of a model (``lipfx bounds``)."""
+"""The ``lipfx`` command line: ``lipfx certify`` (whole-network certificate) and ``lipfx bounds``
+(per-layer norm bounds)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 
 from . import __version__
+from .certify import Certificate, certificate
+from .convert import convert
 from .errors import LipfxError
 from .norms import layer_bound
 
@@ -83,10 +86,92 @@ def _bounds(args: argparse.Namespace) -> None:
         print(f"{name:<32} {'x'.join(map(str, shape)):>14} {layer_bound(modules[name], shape, name=name):10.4f}")
 
 
+def _group_key(target: str) -> str:
+    """'layer1.0.conv1.pointwise' -> 'layer1.0'; 'conv1.depthwise' -> 'conv1'."""
+    parts = target.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+
+
+def group_rows(cert: Certificate) -> list[tuple[str, int, float, float]]:
+    """(group, nodes, largest own constant, cumulative bound at its last node) per consecutive run
+    of nodes in one block (module names up to the first index, e.g. ``layer1.0``). Function nodes
+    (adds, reshapes) join the block they follow, so a 150-layer model stays a short table."""
+    rows: list[list] = []
+    for r in cert.records:
+        if r.op in ("placeholder", "output"):
+            continue
+        used = r.composed is not None and r.map_bound is not None and r.composed <= (r.product or 0)
+        own = r.map_bound if used else r.local
+        key = _group_key(r.target) if r.target != r.op else (rows[-1][0] if rows else "(input)")
+        if rows and rows[-1][0] == key:
+            rows[-1][1] += 1
+            rows[-1][2] = max(rows[-1][2], own)
+            rows[-1][3] = r.bound
+        else:
+            rows.append([key, 1, own, r.bound])
+    return [tuple(r) for r in rows]
+
+
+def _certify(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    model = load_model(args.model).eval()
+    shape = parse_shape(args.input_shape)
+    x = torch.randn(1, *shape)
+    if args.convert:
+        _say(args, f"converting {args.model} (bn={args.bn}, separable={args.separable}) ...")
+        model = convert(model, x, bn=None if args.bn == "keep" else args.bn,
+                        separable=None if args.separable == "none" else args.separable)
+    _say(args, f"certifying {args.model} at input shape {'x'.join(map(str, shape))} ...")
+    try:
+        cert = certificate(model, x)
+    except RuntimeError as exc:
+        raise CliError(f"the model does not run on inputs of shape {shape}: {str(exc).splitlines()[0]}") from None
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                f.write(cert.to_json(indent=1))
+        except OSError as exc:
+            raise CliError(f"cannot write {args.json}: {exc.strerror}") from None
+    if args.quiet:
+        print(f"{cert.bound:.6g}")
+        return
+    print(f"{'group':<28} {'nodes':>5} {'largest own':>12} {'cumulative':>12}")
+    for name, count, own, cumulative in group_rows(cert):
+        print(f"{name[:28]:<28} {count:5d} {own:12.4g} {cumulative:12.4g}")
+    print()
+    print(f"Lipschitz bound (l2, eval mode): {cert.bound:.6g}")
+    if cert.unbounded:
+        print("unbounded because of:")
+        for c in cert.unbounded:
+            print(f"  {c.reason}")
+    else:
+        path = [
+            "+".join(r.layers) if r.layers and r.composed is not None and r.composed <= (r.product or 0) else r.target
+            for r in cert.critical_path()
+            if r.op not in ("placeholder", "output") and (r.local != 1.0 or r.composed is not None)
+        ]
+        print(f"critical path ({len(path)} nodes): {' -> '.join(path[:12])}{' -> ...' if len(path) > 12 else ''}")
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="lipfx", description="Provable Lipschitz bounds for PyTorch models.")
     parser.add_argument("--version", action="version", version=f"lipfx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("certify", help="sound Lipschitz bound of the whole network (lipfx.certificate)")
+    c.add_argument("model", help="torchvision:NAME or package.module:factory")
+    c.add_argument("--input-shape", default="3,224,224", help="one input without batch dim, e.g. 3,224,224")
+    c.add_argument("--convert", action="store_true", help="run lipfx.convert first")
+    c.add_argument("--bn", choices=["fold", "remove", "keep"], default="fold", help="with --convert")
+    c.add_argument("--separable", choices=["exact", "fresh", "none"], default="exact", help="with --convert")
+    c.add_argument("--json", metavar="FILE", help="also write the certificate as JSON")
+    c.add_argument("--quiet", action="store_true", help="print only the bound")
+    c.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
+    c.set_defaults(run=_certify)
     p = sub.add_parser("bounds", help="sound operator-norm bound of every conv and linear layer")
     p.add_argument("model", help="torchvision:NAME or package.module:factory")
     p.add_argument("--input-shape", default="3,224,224", help="one input without batch dim, e.g. 3,224,224")

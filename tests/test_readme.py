@@ -34,3 +34,13 @@ def test_readme_main_job_runs():
 def test_readme_python_examples_run():
     for code in _blocks("python"):
         exec(compile(code, "README.md", "exec"), {})
+
+
+def test_readme_cli_examples_run(tmp_path):
+    commands = [b.strip() for b in _blocks("bash") if b.strip().startswith("lipfx ")]
+    assert commands
+    for cmd in commands:
+        result = subprocess.run([sys.executable, "-m", "lipfx.cli"] + cmd.split()[1:], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert "Lipschitz bound" in result.stdout

@@ -364,7 +364,8 @@ def certificate(
             try:
                 observer.run(*inputs)
             except Exception as exc:
-                raise LipfxError(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}") from exc
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise LipfxError(f"the model does not run on the example inputs: {type(exc).__name__}: {first}") from exc
         return _walk(gm, observer, dependent, method, compose_linear, dense_max, inputs)
     finally:
         model.train(was_training)

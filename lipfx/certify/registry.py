@@ -70,7 +70,10 @@ class NodeContext:
     def label(self) -> str:
         if self.module_name is not None:
             return f"node '{self.node.name}' (module '{self.module_name}', {type(self.module).__name__})"
-        return f"node '{self.node.name}' ({self.op_name})"
+        stack = self.node.meta.get("nn_module_stack") or {}
+        inside = next(reversed(stack.values()), None) if stack else None  # innermost module
+        where = f" in module '{inside[0]}'" if isinstance(inside, tuple) and inside[0] else ""
+        return f"node '{self.node.name}' ({self.op_name}{where})"
 
     @property
     def op_name(self) -> str:
