@@ -57,6 +57,21 @@ class NodeRecord:
     homogeneous: bool = True  # the map scales with the product of its layers' scales
     composed_method: Optional[str] = None  # 'composed conv of k ops' or 'dense region of k ops'
 
+    @property
+    def uses_composed(self) -> bool:
+        """Whether ``bound`` came from the composed map rather than the chain rule over the parts."""
+        return self.composed is not None and self.composed <= (self.product if self.product is not None else math.inf)
+
+    @property
+    def own(self) -> float:
+        """The constant this node contributes: its composed map's where that bound was used."""
+        return self.map_bound if self.uses_composed else self.local
+
+    @property
+    def what(self) -> str:
+        """The module (or the '+'-joined modules of a composed map) behind this node's constant."""
+        return ("+".join(self.layers) or self.target) if self.uses_composed else self.target
+
 
 @dataclass
 class Culprit:
@@ -94,7 +109,7 @@ class Certificate:
         node = self.records[-1] if self.records else None
         while node is not None:
             path.append(node)
-            if node.composed is not None and node.composed <= (node.product or math.inf):
+            if node.uses_composed:
                 node = by_name.get(node.source)
                 continue
             if not node.inputs:
@@ -105,7 +120,7 @@ class Certificate:
 
     def dominant(self, k: int = 5) -> list[NodeRecord]:
         """The ``k`` nodes with the largest own constants on the critical path."""
-        return sorted(self.critical_path(), key=lambda r: -_local_of(r))[:k]
+        return sorted(self.critical_path(), key=lambda r: -r.own)[:k]
 
     def evaluate(self, scales: Mapping[str, float]) -> float:
         """The bound if each named module's weight were multiplied by ``scales[name]``.
@@ -161,23 +176,10 @@ class Certificate:
             parts.append("unbounded because of:")
             parts += [f"  {c.node} ({c.op}): {c.reason}" for c in self.unbounded]
         else:
-            top = [r for r in self.dominant() if _local_of(r) > 1.0]
+            top = [r for r in self.dominant() if r.own > 1.0]
             if top:
-                parts.append("dominated by: " + ", ".join(f"{_what(r)} ({_fmt(_local_of(r))})" for r in top))
+                parts.append("dominated by: " + ", ".join(f"{r.what} ({_fmt(r.own)})" for r in top))
         return "\n".join(parts)
-
-
-def _local_of(r: NodeRecord) -> float:
-    """The constant a node contributes: its composed map's where that bound was used."""
-    if r.composed is not None and r.map_bound is not None and r.composed <= (r.product or math.inf):
-        return r.map_bound
-    return r.local
-
-
-def _what(r: NodeRecord) -> str:
-    if r.composed is not None and r.map_bound is not None and r.composed <= (r.product or math.inf):
-        return "+".join(r.layers) or r.target
-    return r.target
 
 
 def _fmt(x: Optional[float]) -> str:
@@ -265,9 +267,8 @@ class _Form:
     homogeneous: bool
 
 
-def _linear_forms(gm: fx.GraphModule, order: list[fx.Node], shapes: dict, dependent: set) -> dict[fx.Node, _Form]:
+def _linear_forms(modules: dict, order: list[fx.Node], shapes: dict, dependent: set) -> dict[fx.Node, _Form]:
     """The composed linear map ending at each node (only maximal ones are kept)."""
-    modules = dict(gm.named_modules())
     forms: dict[fx.Node, _Form] = {}
     absorbed: set[fx.Node] = set()
 
@@ -371,15 +372,14 @@ def certificate(
         model.train(was_training)
 
 
-def _steps(gm, order, dependent, shapes, constants, method) -> tuple[dict, dict]:
+def _steps(modules, order, dependent, inputs, shapes, constants, method) -> tuple[dict, dict]:
     """Pass 1: every input-dependent node's rule (independent of the bounds themselves)."""
-    modules = dict(gm.named_modules())
     steps: dict[fx.Node, Step] = {}
     reasons: dict[fx.Node, str] = {}
     for n in order:
         if n not in dependent or n.op == "placeholder":
             continue
-        ins = _flat_inputs(n, dependent)
+        ins = inputs[n]
         if n.op == "output":
             steps[n] = Step(tuple(1.0 for _ in ins), "network output", combine="l2")
             continue
@@ -411,9 +411,10 @@ def _walk(gm, observer: _Observer, dependent, method: str, compose_linear: bool,
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     order = list(nx.lexicographical_topological_sort(dag, key=index.__getitem__))  # fx order where free
     shapes, constants = observer.shapes, observer.constants
-    steps, reasons = _steps(gm, order, dependent, shapes, constants, method)
-    forms = _linear_forms(gm, order, shapes, dependent) if compose_linear else {}
     modules = dict(gm.named_modules())
+    node_inputs = {n: _flat_inputs(n, dependent) for n in order if n in dependent}
+    steps, reasons = _steps(modules, order, dependent, node_inputs, shapes, constants, method)
+    forms = _linear_forms(modules, order, shapes, dependent) if compose_linear else {}
     bound: dict[fx.Node, float] = {}
     records: list[NodeRecord] = []
     for n in order:
@@ -423,7 +424,7 @@ def _walk(gm, observer: _Observer, dependent, method: str, compose_linear: bool,
         module = modules.get(n.target) if n.op == "call_module" else None
         name = op_name(n, module) if n.op not in ("placeholder", "output") else n.op
         target = n.target if n.op == "call_module" else name
-        ins = _flat_inputs(n, dependent)
+        ins = node_inputs[n]
         if n.op == "placeholder":
             bound[n] = 1.0
             records.append(NodeRecord(n.name, name, str(target), 1.0, "network input", 1.0))
