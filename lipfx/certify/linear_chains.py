@@ -25,6 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..layers import ChannelAffine
 from ..norms.conv import conv_bound, matrix_norm
 from ..norms.geometry import ConvGeometry, conv_geometry
+from ..passes.batchnorm import eval_scale
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,16 @@ class LinearMap:
         )
 
     @property
+    def geometry(self) -> ConvGeometry:
+        return ConvGeometry(self.weight, self.groups, self.stride, (1,) * self.ndim, self.pads, "zeros")
+
+    @property
     def out_channels(self) -> int:
-        return self.weight.shape[0]
+        return self.geometry.out_channels
 
     @property
     def in_channels(self) -> int:
-        return self.weight.shape[1] * self.groups
+        return self.geometry.in_channels
 
     def dense(self) -> torch.Tensor:
         """The (Cout, Cin, *k) kernel with the group structure written out."""
@@ -70,8 +75,7 @@ class LinearMap:
         """Sound bound on the map's norm at input shape (C, *spatial), without the batch dim."""
         if self.ndim == 0:
             return matrix_norm(self.dense())
-        geom = ConvGeometry(self.weight, self.groups, self.stride, (1,) * self.ndim, self.pads, "zeros")
-        return conv_bound(geom, tuple(in_shape[1:]), label)
+        return conv_bound(self.geometry, tuple(in_shape[1:]), label)
 
 
 def _regroup(weight: torch.Tensor, candidates: tuple[int, ...], **kw) -> LinearMap:
@@ -141,13 +145,14 @@ def add(a: LinearMap, b: LinearMap, sign: float, in_size: tuple[int, ...], out_s
 
 
 def identity(channels: int, ndim: int) -> LinearMap:
-    w = torch.ones((channels, 1) + (1,) * ndim, dtype=torch.float64)
-    return LinearMap(w, channels, (1,) * ndim, ((0, 0),) * ndim, (), 0)
+    """The identity as a per-channel scale; it counts as no piece of a composition."""
+    return _diagonal(torch.ones(channels), ndim, None)
 
 
-def _diagonal(scale: torch.Tensor, ndim: int, name: str) -> LinearMap:
+def _diagonal(scale: torch.Tensor, ndim: int, name: Optional[str]) -> LinearMap:
     w = scale.detach().double().reshape((-1, 1) + (1,) * ndim)
-    return LinearMap(w, w.shape[0], (1,) * ndim, ((0, 0),) * ndim, (name,), 1)
+    layers = (name,) if name is not None else ()
+    return LinearMap(w, w.shape[0], (1,) * ndim, ((0, 0),) * ndim, layers, len(layers))
 
 
 def module_map(module: nn.Module, name: str, in_shape: torch.Size) -> Optional[LinearMap]:
@@ -163,10 +168,7 @@ def module_map(module: nn.Module, name: str, in_shape: torch.Size) -> Optional[L
     if isinstance(module, ChannelAffine):
         return _diagonal(module.scale, ndim, name)
     if isinstance(module, _BatchNorm) and not module.training and module.running_var is not None:
-        a = 1.0 / torch.sqrt(module.running_var.detach().double() + module.eps)
-        if module.weight is not None:
-            a = a * module.weight.detach().double()
-        return _diagonal(a, ndim, name)
+        return _diagonal(eval_scale(module.running_var, module.weight, module.eps), ndim, name)
     if isinstance(module, (nn.Identity, nn.Dropout)) and not module.training:
         return identity(int(in_shape[1]), ndim) if len(in_shape) >= 2 else None
     return None

@@ -124,37 +124,28 @@ _FUNCTION_RULES: dict[Any, Rule] = {}
 _METHOD_RULES: dict[str, Rule] = {}
 
 
-def register_module_rule(*types: type) -> Callable[[Rule], Rule]:
-    """Register ``rule(ctx) -> Step`` for ``call_module`` nodes of these types (and subclasses)."""
-
+def _registrar(table: dict, keys: tuple) -> Callable[[Rule], Rule]:
     def deco(rule: Rule) -> Rule:
-        for t in types:
-            _MODULE_RULES[t] = rule
+        for key in keys:
+            table[key] = rule
         return rule
 
     return deco
+
+
+def register_module_rule(*types: type) -> Callable[[Rule], Rule]:
+    """Register ``rule(ctx) -> Step`` for ``call_module`` nodes of these types (and subclasses)."""
+    return _registrar(_MODULE_RULES, types)
 
 
 def register_function_rule(*functions: Any) -> Callable[[Rule], Rule]:
     """Register a rule for ``call_function`` nodes whose target is one of ``functions``."""
-
-    def deco(rule: Rule) -> Rule:
-        for f in functions:
-            _FUNCTION_RULES[f] = rule
-        return rule
-
-    return deco
+    return _registrar(_FUNCTION_RULES, functions)
 
 
 def register_method_rule(*names: str) -> Callable[[Rule], Rule]:
     """Register a rule for ``call_method`` nodes (``x.name(...)``)."""
-
-    def deco(rule: Rule) -> Rule:
-        for n in names:
-            _METHOD_RULES[n] = rule
-        return rule
-
-    return deco
+    return _registrar(_METHOD_RULES, names)
 
 
 def find_rule(node: fx.Node, module: Optional[nn.Module]) -> Optional[Rule]:

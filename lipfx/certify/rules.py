@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from ..norms import layer_bound
 from ..norms.conv import matrix_norm
 from ..norms.geometry import padding_multiplicity
 from ..norms.spectral import RELATIVE_SLACK
+from ..passes.batchnorm import eval_scale
 from .registry import (
     NodeContext,
     Step,
@@ -85,15 +86,7 @@ def _batchnorm(ctx: NodeContext) -> Step:
     m = ctx.module
     if m.training or m.running_var is None:
         raise Unbounded(f"{ctx.label}: {'train-mode ' if m.training else ''}{type(m).__name__} {STATISTICS_REASON}")
-    a = _bn_scale(m.running_var, m.weight, m.eps)
-    return _linear(a, "eval BatchNorm: max|gamma / sqrt(var + eps)|")
-
-
-def _bn_scale(var: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> float:
-    a = 1.0 / torch.sqrt(var.detach().double() + eps)
-    if weight is not None:
-        a = a * weight.detach().double()
-    return _max_abs(a)
+    return _linear(_max_abs(eval_scale(m.running_var, m.weight, m.eps)), "eval BatchNorm: max|gamma / sqrt(var + eps)|")
 
 
 @register_function_rule(F.batch_norm)
@@ -103,7 +96,8 @@ def _batchnorm_function(ctx: NodeContext) -> Step:
         raise Unbounded(f"{ctx.label}: batch_norm with batch statistics {STATISTICS_REASON}")
     if weight is not None and not isinstance(weight, torch.Tensor):
         raise Unbounded(f"{ctx.label}: batch_norm with an input-dependent weight")
-    return _linear(_bn_scale(var, weight, ctx.arg(7, "eps", 1e-5)), "eval batch_norm: max|gamma / sqrt(var + eps)|")
+    a = eval_scale(var, weight, ctx.arg(7, "eps", 1e-5))
+    return _linear(_max_abs(a), "eval batch_norm: max|gamma / sqrt(var + eps)|")
 
 
 def _unbounded(reason: str) -> Callable[[NodeContext], Step]:

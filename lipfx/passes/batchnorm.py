@@ -27,12 +27,17 @@ def bn_affine(bn: _BatchNorm, label: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"{label}: BatchNorm without running statistics normalises with batch statistics, "
             "which has no Lipschitz bound; convert with bn='remove'"
         )
-    var = bn.running_var.detach().double()
     mean = bn.running_mean.detach().double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
-    a = gamma / torch.sqrt(var + bn.eps)
+    a = eval_scale(bn.running_var, bn.weight, bn.eps)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(a)
     return a, beta - a * mean
+
+
+def eval_scale(running_var: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """a = gamma / sqrt(var + eps) in float64: eval BatchNorm's per-channel slope."""
+    var = running_var.detach().double()
+    gamma = weight.detach().double() if weight is not None else torch.ones_like(var)
+    return gamma / torch.sqrt(var + eps)
 
 
 @torch.no_grad()
