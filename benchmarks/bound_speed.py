@@ -7,7 +7,10 @@ Peers:
 - Gram iteration (Delattre et al., ICML 2023) on the per-frequency matrices of the same circulant
   embedding, 6 iterations (a sound upper bound).
 
-    python benchmarks/bound_speed.py [--repeat 3]
+Also VGG's 4096x25088 linear layer: lipfx's certified Gram + LOBPCG + Cholesky bound vs an
+exact float64 SVD (``--linear-only`` runs just that row).
+
+    python benchmarks/bound_speed.py [--repeat 3] [--linear-only]
 """
 
 from __future__ import annotations
@@ -56,13 +59,22 @@ def timed(fn, repeat: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--linear-only", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'layer':<28} {'method':<22} {'ms':>9} {'value':>10} {'ms / lipfx':>10}")
+    linear = nn.Linear(25088, 4096, bias=False)
+    ms_lipfx, v_lipfx = timed(lambda: layer_bound(linear, (25088,)), 1)
+    ms_svd, v_svd = timed(lambda: float(torch.linalg.matrix_norm(linear.weight.detach().double(), ord=2)), 1)
+    print(f"{'linear 4096x25088':<28} {'lipfx (sound)':<22} {ms_lipfx:9.1f} {v_lipfx:10.6f} {1.0:10.2f}")
+    print(f"{'linear 4096x25088':<28} {'float64 SVD (exact)':<22} {ms_svd:9.1f} {v_svd:10.6f} {ms_svd / ms_lipfx:10.2f}")
+    if args.linear_only:
+        return
     layers = {
         "depthwise 384ch 3x3 @14x14": (nn.Conv2d(384, 384, 3, padding=1, groups=384, bias=False), 14),
         "full 512x512x3x3 @14x14": (nn.Conv2d(512, 512, 3, padding=1, bias=False), 14),
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'layer':<28} {'method':<22} {'ms':>9} {'value':>10} {'ms / lipfx':>10}")
     for name, (conv, n) in layers.items():
         shape = (conv.in_channels, n, n)

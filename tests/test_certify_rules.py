@@ -14,6 +14,7 @@ from torch import nn
 import lipfx
 from reference import dense_norm
 
+MAT = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
 GRID = torch.linspace(-12, 12, 2_400_001, dtype=torch.float64)
 
 
@@ -110,6 +111,9 @@ LINEAR_OPS = [
     (Fn(lambda t: t.flatten(1).view(-1, 6, 2).transpose(1, 2)), (3, 2, 2)),
     (Fn(lambda t: t * torch.tensor([1.0, -3.0, 0.5]).view(1, 3, 1) - t / 4), (3, 5)),
     (Fn(lambda t: t + t.mean(dim=-1, keepdim=True)), (2, 6)),
+    (Fn(lambda t: t @ MAT), (2, 4)),
+    (Fn(lambda t: MAT @ t), (3, 5)),
+    (Fn(lambda t: F.linear(t, MAT)), (2, 3)),
 ]
 
 
