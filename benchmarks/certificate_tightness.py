@@ -64,7 +64,7 @@ def tightness_rows() -> list[str]:
     x = torch.zeros(1, 3, 16, 16, dtype=torch.float64)
     for name, net in cases:
         if net is None:
-            net = lipfx.convert(train_briefly(small_cnn()), torch.zeros(1, 3, 16, 16))
+            net = lipfx.convert(train_briefly(small_cnn()), torch.zeros(1, 3, 16, 16), normalize=False)
         net = net.double().eval()
         composed = lipfx.certificate(net, x).bound
         parts = lipfx.certificate(net, x, compose_linear=False).bound
@@ -77,7 +77,7 @@ def separable_pair() -> str:
     torch.manual_seed(0)
     conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).double()
     x = torch.zeros(1, 64, 32, 32, dtype=torch.float64)
-    net = lipfx.convert(nn.Sequential(conv), x)
+    net = lipfx.convert(nn.Sequential(conv), x, normalize=False)
     rec = lipfx.certificate(net, x).records[-2]
     true = operator_norm(conv, x.shape, iters=2000)
     return (f"| 64x64x3x3 conv at 32x32, exact separable pair | {true:.5g} | {rec.bound:.5g} "
@@ -89,7 +89,7 @@ def resnet50_time() -> list[str]:
     model = torchvision.models.resnet50(weights=None).eval()
     x = torch.randn(1, 3, 224, 224)
     rows = []
-    for label, net in (("resnet50 (BatchNorm kept)", model), ("resnet50 converted", lipfx.convert(model, x))):
+    for label, net in (("resnet50 (BatchNorm kept)", model), ("resnet50 converted", lipfx.convert(model, x, normalize=False))):
         start = time.perf_counter()
         cert = lipfx.certificate(net, x)
         rows.append(f"| {label} at 224x224 | {time.perf_counter() - start:.1f} s | {cert.bound:.4g} |")

@@ -2,9 +2,11 @@
 
 from .errors import LipfxError, ShapeError, TraceError, UnsupportedModuleError
 from .certify import Certificate, certificate
+from .bake import bake
 from .convert import convert
+from .normalization import normalize, normalized_layers, set_constants
 from .norms import layer_bound
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "certificate", "Certificate", "layer_bound", "LipfxError", "ShapeError", "TraceError", "UnsupportedModuleError"]
+__all__ = ["convert", "normalize", "normalized_layers", "set_constants", "bake", "certificate", "Certificate", "layer_bound", "LipfxError", "ShapeError", "TraceError", "UnsupportedModuleError"]

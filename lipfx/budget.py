@@ -1,15 +1,17 @@
 """A global Lipschitz budget: per-layer constants chosen so the network's certificate is <= L.
 
-Every conv and linear layer gets the same operator norm K (its weight is rescaled to it), and K
-is the largest value for which the certificate's chain rule stays within the budget. The search
-re-evaluates the chain rule with scaled factors (:meth:`Certificate.evaluate`), so it costs no
-new norm computations; the result is then certified from the rescaled weights.
+Normalized networks (:func:`fit_constants`): every layer's K is multiplied by one common factor,
+the largest for which the chain rule with each layer at its K stays within the budget; the
+budget then holds for any weights the layers take in training. Plain networks
+(:func:`fit_budget`): every conv and linear weight is rescaled once to one common norm. Both
+searches re-evaluate the chain rule with scaled factors (:meth:`Certificate.evaluate`), so they
+cost no new norm computations; the result is then certified from the actual weights.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -17,6 +19,7 @@ from torch import nn
 
 from .certify import Certificate, certificate
 from .errors import LipfxError
+from .normalization import normalized_layers
 from .passes.report import ConversionReport
 from .tracing import Inputs
 
@@ -24,22 +27,24 @@ SCALED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _TARGET = 1 - 1e-6  # aim just below the budget: float32 weights round after rescaling
 
 
-def layer_norms(gm: fx.GraphModule, cert: Certificate) -> dict[str, float]:
-    """The certified norm of every conv/linear module on the certificate's graph."""
+def layer_norms(gm: fx.GraphModule, cert: Certificate, names: Optional[Iterable[str]] = None) -> dict[str, float]:
+    """The certified norm of every conv/linear module (or of the modules ``names``) on the graph."""
     modules = dict(gm.named_modules())
+    wanted = None if names is None else set(names)
     norms: dict[str, float] = {}
     for r in cert.records:
-        if isinstance(modules.get(r.target), SCALED):
+        if (r.target in wanted) if wanted is not None else isinstance(modules.get(r.target), SCALED):
             norms[r.target] = max(norms.get(r.target, 0.0), r.local)
     return norms
 
 
 def allocate(cert: Certificate, norms: dict[str, float], lipschitz: float) -> float:
     """Largest common per-layer norm K with ``cert.evaluate`` <= ``lipschitz`` (bisection)."""
+    return largest_within(lambda k: cert.evaluate({name: k / n for name, n in norms.items() if n > 0}), lipschitz)
 
-    def value(k: float) -> float:
-        return cert.evaluate({name: k / n for name, n in norms.items() if n > 0})
 
+def largest_within(value: Callable[[float], float], lipschitz: float) -> float:
+    """Largest t >= 0 with value(t) <= lipschitz (value non-decreasing), by bisection."""
     floor = value(0.0)
     if floor > lipschitz * _TARGET:
         raise LipfxError(
@@ -57,6 +62,54 @@ def allocate(cert: Certificate, norms: dict[str, float], lipschitz: float) -> fl
     return lo
 
 
+def _check_budget(lipschitz: float) -> None:
+    if not lipschitz > 0 or math.isinf(lipschitz):
+        raise LipfxError(f"lipschitz must be a positive finite number, got {lipschitz}")
+
+
+def _finite(cert: Certificate) -> Certificate:
+    if math.isinf(cert.bound):
+        names = "; ".join(c.reason for c in cert.unbounded)
+        raise LipfxError(f"cannot fit a Lipschitz budget: the certificate is infinite because of: {names}")
+    return cert
+
+
+@torch.no_grad()
+def fit_constants(
+    gm: fx.GraphModule,
+    lipschitz: float,
+    example_inputs: Inputs,
+    report: Optional[ConversionReport] = None,
+    method: str = "auto",
+) -> Certificate:
+    """Multiply every normalized layer's K by one common factor t so the network stays <= L.
+
+    t is chosen on the plain chain rule (no composed or dense bounds) with each normalized
+    layer's factor set to its K: normalized layers never exceed K in eval mode, so that bound
+    -- and the budget -- keeps holding whatever training does to the weights. Returns the
+    certificate of the result (composition can only make it smaller).
+    """
+    _check_budget(lipschitz)
+    layers = {name: p for name, _, p in normalized_layers(gm)}
+    if not layers:
+        raise LipfxError("no normalized layers to fit a budget with (all K were None?)")
+    plain = _finite(certificate(gm, example_inputs, method=method, compose_linear=False, dense_max=0))
+    local = layer_norms(gm, plain, layers)
+    for name in layers:
+        if local.get(name, 0.0) <= 0:
+            raise LipfxError(f"layer '{name}' has an all-zero weight: its certified factor cannot scale with K")
+    t = largest_within(lambda t: plain.evaluate({n: t * layers[n].constant() / local[n] for n in layers}), lipschitz)
+    for name, p in layers.items():
+        old = float(p.K)
+        p.K.mul_(t)
+        if report is not None:
+            report.add(name, "budget", f"K {old:.4g} -> {float(p.K):.4g}")
+    final = certificate(gm, example_inputs, method=method)
+    if final.bound > lipschitz:
+        raise LipfxError(f"internal error: budget {lipschitz} chose a factor {t:.6g} but the certificate is {final.bound:.6g}")
+    return final
+
+
 @torch.no_grad()
 def fit_budget(
     gm: fx.GraphModule,
@@ -70,12 +123,8 @@ def fit_budget(
     Returns the certificate of the rescaled network (computed from its weights, not from K).
     Raises LipfxError naming the culprits when the network has no finite certificate.
     """
-    if not lipschitz > 0 or math.isinf(lipschitz):
-        raise LipfxError(f"lipschitz must be a positive finite number, got {lipschitz}")
-    cert = certificate(gm, example_inputs, method=method)
-    if math.isinf(cert.bound):
-        names = "; ".join(c.reason for c in cert.unbounded)
-        raise LipfxError(f"cannot fit a Lipschitz budget: the certificate is infinite because of: {names}")
+    _check_budget(lipschitz)
+    cert = _finite(certificate(gm, example_inputs, method=method))
     norms = layer_norms(gm, cert)
     k = allocate(cert, norms, lipschitz)
     for name, n in norms.items():

@@ -116,10 +116,14 @@ def _certify(args: argparse.Namespace) -> None:
     model = load_model(args.model).eval()
     shape = parse_shape(args.input_shape)
     x = torch.randn(1, *shape)
-    if args.convert:
-        _say(args, f"converting {args.model} (bn={args.bn}, separable={args.separable}) ...")
+    if args.K is not None and not 0 < args.K < float("inf"):
+        raise CliError(f"--K must be a positive finite number, got {args.K}")
+    if args.convert or args.K is not None:
+        norm = f", K={args.K:g}" if args.K is not None else ""
+        _say(args, f"converting {args.model} (bn={args.bn}, separable={args.separable}{norm}) ...")
         model = convert(model, x, bn=None if args.bn == "keep" else args.bn,
-                        separable=None if args.separable == "none" else args.separable)
+                        separable=None if args.separable == "none" else args.separable,
+                        normalize=args.K is not None, K=args.K if args.K is not None else 1.0)
     _say(args, f"certifying {args.model} at input shape {'x'.join(map(str, shape))} ...")
     cert = certificate(model, x)
     if args.json:
@@ -160,7 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c = sub.add_parser("certify", help="sound Lipschitz bound of the whole network (lipfx.certificate)")
     c.add_argument("model", help="torchvision:NAME or package.module:factory")
     c.add_argument("--input-shape", default="3,224,224", help="one input without batch dim, e.g. 3,224,224")
-    c.add_argument("--convert", action="store_true", help="run lipfx.convert first")
+    c.add_argument("--convert", action="store_true", help="run lipfx.convert first (exact rewrite)")
+    c.add_argument("--K", type=float, help="convert and normalize every layer to norm K (implies --convert)")
     c.add_argument("--bn", choices=["fold", "remove", "keep"], default="fold", help="with --convert")
     c.add_argument("--separable", choices=["exact", "fresh", "none"], default="exact", help="with --convert")
     c.add_argument("--json", metavar="FILE", help="also write the certificate as JSON")

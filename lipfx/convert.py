@@ -8,7 +8,8 @@ from typing import Iterable, Optional
 import torch.fx as fx
 from torch import nn
 
-from .budget import fit_budget
+from .budget import fit_budget, fit_constants
+from .normalization import KSpec, normalize as register_normalization
 from .passes import ConversionReport, fold_batchnorm, remove_batchnorm, rewrite_separable
 from .tracing import Inputs, propagate_shapes, trace
 
@@ -19,18 +20,32 @@ def convert(
     model: nn.Module,
     example_inputs: Inputs,
     *,
+    K: KSpec = 1.0,
+    normalize: bool = True,
+    scaling: str = "hard",
+    s_init: float = 3.0,
+    eps: float = 0.01,
     bn: Optional[str] = "fold",
     separable: Optional[str] = "exact",
     rank: Optional[int] = None,
     leaf_modules: Iterable[str] = (),
     lipschitz: Optional[float] = None,
 ) -> fx.GraphModule:
-    """Trace ``model`` with torch.fx and return an equivalent GraphModule built from
-    depthwise-separable convolutions, with BatchNorm folded or removed.
+    """Trace ``model`` with torch.fx, rewrite it from depthwise-separable convolutions with
+    BatchNorm folded or removed, and (by default) make every layer K-Lipschitz.
 
     Args:
         model: any torch.fx-traceable module. It is never modified (conversion works on a copy).
         example_inputs: a tensor or tuple of tensors; gives every layer its input resolution.
+        K: the per-layer constant: a float, a dict of module-name patterns to floats (first
+            match wins, ``None`` = leave unnormalized; a pattern for the original conv name also
+            matches both halves of its separable pair), or a callable ``(name, module) -> K``.
+        normalize: register :mod:`lipfx.normalization` parametrizations on every conv, linear
+            and ChannelAffine, so their norms stay <= K while training. ``False`` gives the
+            plain rewrite (same outputs as ``model`` for ``separable="exact"``).
+        scaling: ``"hard"`` (norm K) or ``"soft"`` (norm K * tanh(s), s learnable per layer).
+        s_init: initial s for soft scaling.
+        eps: relative stopping tolerance of the pointwise/linear power iteration.
         bn: ``"fold"`` folds each BatchNorm into the conv/linear right before it, using the
             running statistics (eval semantics), and turns any other BatchNorm into a
             :class:`lipfx.layers.ChannelAffine`; ``"remove"`` drops them all; ``None`` keeps them.
@@ -40,10 +55,13 @@ def convert(
             Depthwise and 1x1 convs are always kept as they are.
         rank: channel multiplier for ``"lowrank"`` (required) and ``"fresh"`` (default 1).
         leaf_modules: names of submodules to keep opaque when tracing (left as they are).
-        lipschitz: a global budget L: every conv/linear layer is rescaled to one common norm K,
-            the largest for which the certificate (:func:`lipfx.certificate`) is <= L; the
-            result is certified again from the new weights. The chosen norms are in the report
-            (action ``'budget'``) and the final certificate in ``lipfx_certificate``.
+        lipschitz: a global budget L. With ``normalize``, every layer's K is multiplied by one
+            common factor, the largest for which the chain rule with each layer at its K stays
+            <= L; since normalized layers never exceed K, the budget then holds throughout
+            training (for layers left unnormalized, only for their weights at conversion).
+            Without ``normalize``, conv/linear weights are rescaled once to a common norm. The
+            choice is in the report (action ``'budget'``), the certificate of the result in
+            ``lipfx_certificate``.
 
     Returns:
         A ``torch.fx.GraphModule`` whose ``lipfx_report`` (:class:`ConversionReport`) lists what
@@ -64,8 +82,11 @@ def convert(
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, example_inputs)
+    if normalize:
+        register_normalization(gm, K, scaling=scaling, s_init=s_init, eps=eps, report=report)
     if lipschitz is not None:
-        gm.lipfx_certificate = fit_budget(gm, lipschitz, example_inputs, report)
+        fit = fit_constants if normalize else fit_budget
+        gm.lipfx_certificate = fit(gm, lipschitz, example_inputs, report)
     gm.train(model.training)
     gm.lipfx_report = report
     return gm

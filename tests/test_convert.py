@@ -1,6 +1,7 @@
 """lipfx.convert: equivalence on the torchvision zoo and on every conv configuration."""
 
 import copy
+import functools
 import io
 
 import pytest
@@ -22,6 +23,10 @@ ZOO = [
     ("inception_v3", 80, {"aux_logits": False, "init_weights": True}), ("regnet_x_400mf", 64, {}),
     ("convnext_tiny", 64, {}), ("vit_b_16", 32, {"image_size": 32}), ("swin_t", 64, {}),
 ]
+# These tests check the rewrite itself (outputs reproduced), so normalization is off here;
+# tests/test_normalization.py covers it.
+convert = functools.partial(lipfx.convert, normalize=False)
+
 SLOW = {"resnet50", "resnext50_32x4d", "wide_resnet50_2", "densenet121", "vit_b_16", "inception_v3", "convnext_tiny"}
 
 
@@ -51,7 +56,7 @@ def test_zoo_conversion_reproduces_outputs(name, size, kwargs):
             if isinstance(m, nn.Linear) and not m.weight.any():
                 nn.init.normal_(m.weight, std=0.02)
     x = torch.randn(2, 3, size, size)
-    net = lipfx.convert(model, x).eval()
+    net = convert(model, x).eval()
     with torch.no_grad():
         assert rel_error(net(x), model(x)) <= 1e-4
     # every remaining conv is depthwise or pointwise; no BatchNorm is left
@@ -61,7 +66,7 @@ def test_zoo_conversion_reproduces_outputs(name, size, kwargs):
             g = conv_geometry(m)
             assert g.is_depthwise or g.is_pointwise, m
     model64, x64 = model.double(), x.double()
-    net64 = lipfx.convert(model64, x64).eval()
+    net64 = convert(model64, x64).eval()
     with torch.no_grad():
         assert rel_error(net64(x64), model64(x64)) <= 1e-9
 
@@ -82,7 +87,7 @@ def test_conv_configurations_convert_exactly(d, mode, stride, dilation, groups):
     model = _conv_net(conv, d).double().eval()
     randomize_batchnorm(model)
     x = torch.randn(2, 6, *([9] * d), dtype=torch.float64)
-    net = lipfx.convert(model, x).eval()
+    net = convert(model, x).eval()
     assert isinstance(net.get_submodule("0"), SeparableConv)
     assert net.get_submodule("0.depthwise").padding_mode == mode
     with torch.no_grad():
@@ -93,19 +98,19 @@ def test_same_padding_even_kernel():
     model = nn.Sequential(nn.Conv2d(3, 5, 4, padding="same", dilation=2)).double().eval()
     x = torch.randn(1, 3, 10, 10, dtype=torch.float64)
     with torch.no_grad():
-        assert rel_error(lipfx.convert(model, x)(x), model(x)) <= 1e-9
+        assert rel_error(convert(model, x)(x), model(x)) <= 1e-9
 
 
 def test_depthwise_and_pointwise_convs_are_kept():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=4), nn.Conv2d(8, 5, 1)).eval()
-    net = lipfx.convert(model, torch.randn(1, 4, 8, 8))
+    net = convert(model, torch.randn(1, 4, 8, 8))
     assert not any(isinstance(m, SeparableConv) for m in net.modules())
     assert not [r for r in net.lipfx_report.records if r.action.startswith("separable")]
 
 
 def test_names_stay_findable():
     model = torchvision.models.resnet18().eval()
-    net = lipfx.convert(model, torch.randn(1, 3, 32, 32))
+    net = convert(model, torch.randn(1, 3, 32, 32))
     names = dict(net.named_modules())
     assert "layer1.0.conv1.depthwise" in names and "layer1.0.conv1.pointwise" in names
     targets = {n.target for n in net.graph.nodes if n.op == "call_module"}
@@ -116,7 +121,7 @@ def test_input_model_is_not_modified():
     model = torchvision.models.resnet18().eval()
     randomize_batchnorm(model)
     before = copy.deepcopy(model.state_dict())
-    lipfx.convert(model, torch.randn(1, 3, 32, 32))
+    convert(model, torch.randn(1, 3, 32, 32))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert isinstance(model.bn1, nn.BatchNorm2d)
@@ -126,7 +131,7 @@ def test_bn_without_a_foldable_neighbour_becomes_channel_affine():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)).double().eval()
     randomize_batchnorm(model)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    net = lipfx.convert(model, x)
+    net = convert(model, x)
     assert isinstance(net.get_submodule("2"), ChannelAffine)
     bn = model[2]
     expected = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().max()
@@ -139,7 +144,7 @@ def test_linear_then_batchnorm1d_is_folded():
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6)).double().eval()
     randomize_batchnorm(model)
     x = torch.randn(4, 5, dtype=torch.float64)
-    net = lipfx.convert(model, x)
+    net = convert(model, x)
     assert net.lipfx_report.by_action("bn-folded")
     with torch.no_grad():
         assert rel_error(net.eval()(x), model(x)) <= 1e-9
@@ -147,7 +152,7 @@ def test_linear_then_batchnorm1d_is_folded():
 
 def test_bn_remove_drops_every_batchnorm():
     model = torchvision.models.resnet18().eval()
-    net = lipfx.convert(model, torch.randn(1, 3, 32, 32), bn="remove")
+    net = convert(model, torch.randn(1, 3, 32, 32), bn="remove")
     assert not any(isinstance(m, _BatchNorm) for m in net.modules())
     assert len(net.lipfx_report.by_action("bn-removed")) == 20
 
@@ -155,7 +160,7 @@ def test_bn_remove_drops_every_batchnorm():
 def test_batchnorm_without_running_stats_is_refused():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(lipfx.LipfxError, match="node '.*' \\(module '2'\\).*bn='remove'"):
-        lipfx.convert(model, torch.randn(1, 3, 8, 8))
+        convert(model, torch.randn(1, 3, 8, 8))
 
 
 def test_lowrank_error_falls_with_rank_and_vanishes_at_full_rank():
@@ -165,7 +170,7 @@ def test_lowrank_error_falls_with_rank_and_vanishes_at_full_rank():
         y = model(x)
     kernel_errors, output_errors = [], []
     for rank in range(1, 10):
-        net = lipfx.convert(model, x, separable="lowrank", rank=rank)
+        net = convert(model, x, separable="lowrank", rank=rank)
         (record,) = net.lipfx_report.by_action("separable-lowrank")
         kernel_errors.append(record.relative_error)
         with torch.no_grad():
@@ -181,7 +186,7 @@ def test_fresh_mode_trains():
                           nn.Linear(8, 2))
     x = torch.randn(64, 3, 8, 8)
     y = (x[:, 0].mean((1, 2)) > 0).long()  # a learnable made-up task
-    net = lipfx.convert(model, x, separable="fresh").train()
+    net = convert(model, x, separable="fresh").train()
     assert isinstance(net.get_submodule("0"), SeparableConv) and net.get_submodule("0").rank == 1
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     losses = []
@@ -213,8 +218,8 @@ class Gate(nn.Module):
 
 def test_untraceable_model_names_the_module_and_hints_leaf_modules():
     with pytest.raises(lipfx.TraceError, match="module 'gate' \\(Gate\\).*leaf_modules=\\['gate'\\]"):
-        lipfx.convert(Branchy(), torch.randn(1, 3, 6, 6))
-    net = lipfx.convert(Branchy(), torch.randn(1, 3, 6, 6), leaf_modules=["gate"])
+        convert(Branchy(), torch.randn(1, 3, 6, 6))
+    net = convert(Branchy(), torch.randn(1, 3, 6, 6), leaf_modules=["gate"])
     assert isinstance(net.gate, Gate)
 
 
@@ -224,11 +229,11 @@ class TestOrdinaryModule:
         model = torchvision.models.resnet18(num_classes=10).eval()
         randomize_batchnorm(model)
         x = torch.randn(2, 3, 32, 32)
-        return lipfx.convert(model, x).eval(), x
+        return convert(model, x).eval(), x
 
     def test_state_dict_round_trip_into_a_fresh_conversion(self, pair):
         net, x = pair
-        other = lipfx.convert(torchvision.models.resnet18(num_classes=10).eval(), x).eval()
+        other = convert(torchvision.models.resnet18(num_classes=10).eval(), x).eval()
         other.load_state_dict(net.state_dict())
         with torch.no_grad():
             assert torch.equal(other(x), net(x))

@@ -81,3 +81,38 @@ def operator_norm(
             break
         sigma = new_sigma
     return sigma
+
+
+def grouped_power_iteration(
+    matrices: torch.Tensor,
+    v: torch.Tensor,
+    eps: float = 0.01,
+    max_iter: int = 100,
+) -> PowerIterationResult:
+    """Warm-started power iteration on a batch of matrices (one per group of a grouped layer).
+
+    ``matrices``: (G, m, n); ``v``: (G, n), the previous call's vectors. Iterates under no_grad
+    until every group's *relative* residual ||A^T A v - sigma^2 v|| / sigma^2 is below ``eps``
+    (the paper's rule, made scale-free so it means the same before and after normalization),
+    then returns sigma = ||A v|| per group with gradients flowing into ``matrices``.
+    """
+    with torch.no_grad():
+        a = matrices.detach()
+        v = _normalize_rows(v.to(a.dtype))
+        it = 0
+        for it in range(1, max_iter + 1):
+            w = (a.transpose(1, 2) @ (a @ v.unsqueeze(-1))).squeeze(-1)
+            sigma2 = (v * w).sum(-1, keepdim=True)
+            residual = torch.linalg.vector_norm(w - sigma2 * v, dim=-1)
+            # a zero group (all-zero weights) keeps its vector instead of collapsing to 0
+            v = torch.where(torch.linalg.vector_norm(w, dim=-1, keepdim=True) > 0, _normalize_rows(w), v)
+            if bool((residual <= eps * sigma2.squeeze(-1).abs()).all()):
+                break
+    sigma = torch.linalg.vector_norm((matrices @ v.unsqueeze(-1)).squeeze(-1), dim=-1)
+    return PowerIterationResult(sigma, v, it)
+
+
+@torch.no_grad()
+def _normalize_rows(v: torch.Tensor) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    return v / norm.clamp_min(torch.finfo(v.dtype).tiny)

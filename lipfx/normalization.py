@@ -1,0 +1,350 @@
+"""Spectral normalization with per-layer constants K (MATH sections 1, 2, 5, 7).
+
+Each conv, linear and :class:`~lipfx.layers.ChannelAffine` of a converted network gets a
+``torch.nn.utils.parametrize`` parametrization ``W -> W * scale / bound(W)``, visible in
+``print(model)``, with ``scale = K`` (hard) or ``K * tanh(s)`` (soft, ``s`` learnable):
+
+- pointwise (1x1) convs and linear layers: the Cout x Cin connectivity matrix (per group), by a
+  warm-started power iteration whose state is one vector per group (MATH 5);
+- depthwise and other spatial convs: the circulant/FFT bound at the layer's input resolution,
+  polyphase when strided (MATH 1-3), differentiated through;
+- ChannelAffine: max |scale| (exact).
+
+Training mode computes the bound on every forward (power iteration converges from below, so a
+pointwise layer can exceed K by about the stopping tolerance). Eval mode computes the *certified*
+bound once, with a margin for float round-off in the rescaled weight, and caches the normalized
+weight until the parameters change: then every layer's norm is <= K exactly.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import LipfxError
+from .layers import ChannelAffine, SeparableConv
+from .norms.conv import conv_bound, grouped_matrix_norm
+from .norms.estimators import grouped_power_iteration
+from .norms.geometry import ConvGeometry, conv_geometry
+from .norms.training import fft_bound
+from .passes.report import ConversionReport
+
+KSpec = Union[float, Mapping[str, Optional[float]], Callable[[str, nn.Module], Optional[float]]]
+SCALINGS = ("hard", "soft")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PRIME_ITERS = 1000  # power iterations at registration, so training starts warm
+
+
+class LipschitzNormalization(nn.Module):
+    """Parametrization ``W -> W * scale / bound(W)``; subclasses say how ``bound`` is computed.
+
+    Buffers (in the state_dict): ``K``; parameter ``s`` for soft scaling; subclasses add their
+    own state (the power-iteration vectors). Nothing depends on the input batch.
+    """
+
+    kind = "?"
+
+    def __init__(self, K: float, scaling: str = "hard", s_init: float = 3.0, name: str = "") -> None:
+        super().__init__()
+        if scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling {scaling!r}; choose from {SCALINGS}")
+        _check_K(K, name)
+        self.scaling = scaling
+        self.name = name
+        self.register_buffer("K", torch.tensor(float(K), dtype=torch.float64))
+        self.s = nn.Parameter(torch.tensor(float(s_init))) if scaling == "soft" else None
+        self._cache_key: Optional[tuple] = None
+        self._cache_factor = 0.0
+        self._cache_weight: Optional[torch.Tensor] = None
+        self._cache_weight_key: Optional[tuple] = None
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def train_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        """Differentiable bound used in training mode."""
+        raise NotImplementedError
+
+    def exact_bound(self, weight: torch.Tensor) -> float:
+        """Certified upper bound on the layer's norm (float64), used in eval mode."""
+        raise NotImplementedError
+
+    def rounding_terms(self, weight: torch.Tensor) -> float:
+        """c with ||op(E)|| <= c * u * ||op(W)|| for an entrywise relative error u in W."""
+        return 1.0
+
+    # -- the parametrization -----------------------------------------------------------------
+    def scale(self) -> torch.Tensor:
+        """The layer's constant: K (hard) or K * tanh(s) (soft)."""
+        k = self.K
+        if self.s is None:
+            return k
+        return k.to(self.s.dtype) * torch.tanh(self.s)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            bound = self.train_bound(weight).clamp_min(torch.finfo(weight.dtype).tiny)
+            return weight * (self.scale().to(weight.dtype) / bound)
+        factor = self._eval_factor(weight)
+        needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (self.s is not None and self.s.requires_grad))
+        if needs_grad:
+            # The exact bound is a constant here: gradients reach W (and s), not through the bound.
+            return weight * (self.scale().to(weight.dtype) * factor)
+        if self._cache_weight is None or self._cache_weight_key != self._cache_key:
+            self._cache_weight = weight.detach() * (float(self.scale()) * factor)
+            self._cache_weight_key = self._cache_key
+        return self._cache_weight
+
+    @torch.compiler.disable  # python-side cache and float64 certificates: run eagerly
+    def _eval_factor(self, weight: torch.Tensor) -> float:
+        """1 / (bound * (1 + delta)), recomputed only when the weight changed.
+
+        delta covers rounding the rescaled weight to its dtype: an entrywise relative error of
+        ~2u (scalar cast + product) moves the operator norm by at most rounding_terms * 2u.
+        """
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, self.K._version,
+               None if self.s is None else self.s._version)
+        if key != self._cache_key:
+            u = torch.finfo(weight.dtype).eps / 2
+            delta = 4 * u * (self.rounding_terms(weight) + 1)
+            bound = self.exact_bound(weight.detach())
+            # a zero operator stays zero (and 0 * 1/tiny would be 0 * inf = nan in float32)
+            self._cache_factor = 1.0 / (bound * (1 + delta)) if bound > 0 else 0.0
+            self._cache_key = key
+        return self._cache_factor
+
+    def constant(self) -> float:
+        """The current per-layer constant (K, or K * tanh(s))."""
+        return float(self.scale())
+
+    def extra_repr(self) -> str:
+        k = f"K={float(self.K):.6g}"
+        scale = "hard" if self.s is None else f"soft K*tanh(s), s={float(self.s):.4g}"
+        return f"{k}, {scale}, bound={self.kind}"
+
+
+class MatrixNormalization(LipschitzNormalization):
+    """Linear layers and 1x1 convs: the (per-group) Cout x Cin matrix, by power iteration."""
+
+    def __init__(self, weight: torch.Tensor, groups: int, K: float, scaling: str = "hard",
+                 s_init: float = 3.0, eps: float = 0.01, max_iter: int = 100, name: str = "") -> None:
+        super().__init__(K, scaling, s_init, name)
+        self.groups = groups
+        self.eps = eps
+        self.max_iter = max_iter
+        cin_g = weight[0].numel()
+        v = torch.randn(groups, cin_g, dtype=weight.dtype, device=weight.device)
+        self.register_buffer("v", v / torch.linalg.vector_norm(v, dim=-1, keepdim=True))
+        self.kind = f"power-iteration(eps={eps:g})"
+
+    def _matrices(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(self.groups, weight.shape[0] // self.groups, -1)
+
+    def train_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        res = grouped_power_iteration(self._matrices(weight), self.v, self.eps, self.max_iter)
+        with torch.no_grad():
+            self.v.copy_(res.v)
+        return res.sigma.amax()
+
+    @torch.no_grad()
+    def prime(self, weight: torch.Tensor, iters: int = _PRIME_ITERS) -> None:
+        """Converge the power-iteration state, so the first training steps start warm."""
+        res = grouped_power_iteration(self._matrices(weight.detach()), self.v, self.eps * 1e-3, iters)
+        self.v.copy_(res.v)
+
+    def exact_bound(self, weight: torch.Tensor) -> float:
+        return grouped_matrix_norm(weight.reshape(weight.shape[0], -1), self.groups)
+
+    def rounding_terms(self, weight: torch.Tensor) -> float:
+        rows, cols = weight.shape[0] // self.groups, weight[0].numel()
+        return math.sqrt(min(rows, cols))
+
+
+class ConvNormalization(LipschitzNormalization):
+    """Depthwise and other spatial convs: the FFT / polyphase bound at the input resolution(s).
+
+    ``sizes``: the spatial input sizes the layer is used at (one per call site); the bound is
+    the max over them.
+    """
+
+    def __init__(self, conv: nn.Module, sizes: Sequence[Sequence[int]], K: float, scaling: str = "hard",
+                 s_init: float = 3.0, name: str = "") -> None:
+        super().__init__(K, scaling, s_init, name)
+        geom = conv_geometry(conv, name)
+        self.groups, self.stride, self.dilation = geom.groups, geom.stride, geom.dilation
+        self.pads, self.padding_mode = geom.pads, geom.padding_mode
+        self.sizes = tuple(tuple(int(n) for n in s) for s in sizes)
+        for n in self.sizes:
+            geom.check_input(n, name)
+        self.kind = "fft@" + ",".join("x".join(map(str, n)) for n in self.sizes)
+
+    def _geometry(self, weight: torch.Tensor) -> ConvGeometry:
+        return ConvGeometry(weight, self.groups, self.stride, self.dilation, self.pads, self.padding_mode)
+
+    def train_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        geom = self._geometry(weight)
+        return torch.stack([fft_bound(geom, n) for n in self.sizes]).amax()
+
+    def exact_bound(self, weight: torch.Tensor) -> float:
+        geom = self._geometry(weight)
+        return max(conv_bound(geom, n, self.name) for n in self.sizes)
+
+    def rounding_terms(self, weight: torch.Tensor) -> float:
+        # ||op(E)|| <= sum over taps ||E_t||_F <= taps * sqrt(rank) * u * max_t ||W_t||_2, and
+        # every tap's matrix norm is at most the operator norm.
+        rows, cols = weight.shape[0] // self.groups, weight.shape[1]
+        return math.prod(weight.shape[2:]) * math.sqrt(min(rows, cols))
+
+
+class DiagonalNormalization(LipschitzNormalization):
+    """A per-channel scale (:class:`ChannelAffine`): its norm is max |scale|, exactly."""
+
+    kind = "max|scale|"
+
+    def train_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.abs().amax()
+
+    def exact_bound(self, weight: torch.Tensor) -> float:
+        return float(weight.abs().max()) if weight.numel() else 0.0
+
+
+def _check_K(K: object, name: str) -> None:
+    if isinstance(K, bool) or not isinstance(K, (int, float)) or not (0 < float(K) < math.inf):
+        where = f" for '{name}'" if name else ""
+        raise LipfxError(f"K{where} must be a positive finite number, got {K!r}")
+
+
+def resolve_K(K: KSpec, name: str, module: nn.Module, parent: Optional[str] = None) -> Optional[float]:
+    """The constant for module ``name``: K itself, the first matching pattern, or K(name, module).
+
+    Patterns (``fnmatch``) are tried against the module's name and, for the two halves of a
+    depthwise-separable pair, the name of the original conv (``parent``). ``None`` leaves a
+    layer unnormalized.
+    """
+    if callable(K) and not isinstance(K, Mapping):
+        value = K(name, module)
+    elif isinstance(K, Mapping):
+        names = [name] + ([parent] if parent else [])
+        for pattern, k in K.items():
+            if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                value = k
+                break
+        else:
+            raise LipfxError(
+                f"no K pattern matches layer '{name}' (patterns: {list(K)}); add '*' for a default, "
+                "or map a pattern to None to leave layers unnormalized"
+            )
+    else:
+        value = K
+    if value is not None:
+        _check_K(value, name)
+    return None if value is None else float(value)
+
+
+def normalized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, LipschitzNormalization]]:
+    """(name, module, parametrization) for every layer lipfx normalized in ``model``."""
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for plist in module.parametrizations.values():
+            for p in plist:
+                if isinstance(p, LipschitzNormalization):
+                    yield name, module, p
+
+
+def set_constants(model: nn.Module, K: KSpec) -> None:
+    """Change the per-layer constants of an already normalized model (same rules as ``normalize``)."""
+    modules = dict(model.named_modules())
+    for name, module, p in normalized_layers(model):
+        k = resolve_K(K, name, module, _separable_parent(name, modules))
+        if k is None:
+            raise LipfxError(f"layer '{name}' is normalized; K cannot switch it off (use lipfx.bake first)")
+        p.K.fill_(k)
+
+
+def _separable_parent(name: str, modules: Mapping[str, nn.Module]) -> Optional[str]:
+    parent = name.rpartition(".")[0]
+    return parent if isinstance(modules.get(parent), SeparableConv) else None
+
+
+def _input_sizes(gm: fx.GraphModule) -> dict[str, list[tuple[int, ...]]]:
+    """Every call_module target's input shapes (without batch dim), from ``tensor_meta``."""
+    sizes: dict[str, list[tuple[int, ...]]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        meta = node.args[0].meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            continue
+        shape = tuple(int(s) for s in meta.shape[1:])
+        sizes.setdefault(str(node.target), [])
+        if shape not in sizes[str(node.target)]:
+            sizes[str(node.target)].append(shape)
+    return sizes
+
+
+def normalize(
+    gm: fx.GraphModule,
+    K: KSpec = 1.0,
+    *,
+    scaling: str = "hard",
+    s_init: float = 3.0,
+    eps: float = 0.01,
+    report: Optional[ConversionReport] = None,
+) -> fx.GraphModule:
+    """Register a :class:`LipschitzNormalization` on every conv, linear and ChannelAffine that
+    ``gm``'s graph calls. In place; returns ``gm``.
+
+    ``gm`` needs ``node.meta['tensor_meta']`` (``lipfx.convert`` records it; otherwise run
+    ``lipfx.tracing.propagate_shapes``): spatial convs are bounded at their input resolution.
+
+    Args:
+        K: one constant for every layer, a dict of module-name patterns to constants (first
+            match wins; ``None`` leaves matching layers alone), or ``K(name, module)``.
+        scaling: ``"hard"`` (multiply by K) or ``"soft"`` (by K * tanh(s), s learnable).
+        s_init: initial s for soft scaling (Runkel et al.: 3 for K <= 20, 0.5 above).
+        eps: relative stopping tolerance of the power iteration.
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; choose from {SCALINGS}")
+    if not 0 < eps < 1:
+        raise ValueError(f"eps must be in (0, 1), got {eps}")
+    sizes = _input_sizes(gm)
+    modules = dict(gm.named_modules())
+    for name, shapes in sizes.items():
+        module = modules[name]
+        if not isinstance(module, _CONVS + (nn.Linear, ChannelAffine)):
+            continue
+        attr = "scale" if isinstance(module, ChannelAffine) else "weight"
+        if parametrize.is_parametrized(module, attr):
+            raise LipfxError(f"layer '{name}' is already parametrized ({attr}); normalize it only once")
+        k = resolve_K(K, name, module, _separable_parent(name, modules))
+        if k is None:
+            if report is not None:
+                report.add(name, "not-normalized", "K is None")
+            continue
+        p = _make(module, shapes, k, scaling, s_init, eps, name)
+        parametrize.register_parametrization(module, attr, p)
+        if report is not None:
+            report.add(name, "normalized", p.extra_repr())
+    return gm
+
+
+def _make(module: nn.Module, shapes: list[tuple[int, ...]], k: float, scaling: str, s_init: float,
+          eps: float, name: str) -> LipschitzNormalization:
+    if isinstance(module, ChannelAffine):
+        return DiagonalNormalization(k, scaling, s_init, name)
+    if isinstance(module, nn.Linear):
+        p = MatrixNormalization(module.weight, 1, k, scaling, s_init, eps, name=name)
+        p.prime(module.weight)
+        return p
+    geom = conv_geometry(module, name)
+    if geom.is_pointwise and all(lo == hi == 0 for lo, hi in geom.pads):
+        p = MatrixNormalization(module.weight, module.groups, k, scaling, s_init, eps, name=name)
+        p.prime(module.weight)
+        return p
+    return ConvNormalization(module, [s[1:] for s in shapes], k, scaling, s_init, name)

@@ -1,0 +1,349 @@
+"""Spectral normalization (issue 4): every normalized layer's true norm stays <= K."""
+
+import copy
+import io
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import lipfx
+from lipfx.layers import ChannelAffine
+from lipfx.norms import operator_norm
+from lipfx.normalization import ConvNormalization, DiagonalNormalization, MatrixNormalization, normalized_layers
+
+from test_convert import randomize_batchnorm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def true_norm(module: nn.Module, p, input_shape) -> float:
+    """The layer's norm with the weight it uses now, in float64: exact SVD of the matrix for
+    linear/1x1 layers, of each channel's dense operator for depthwise convs, power iteration on
+    the real operator for other convs; max |scale| for ChannelAffine."""
+    with torch.no_grad():
+        w = getattr(module, "scale" if isinstance(p, DiagonalNormalization) else "weight").detach().double()
+    if isinstance(p, DiagonalNormalization):
+        return float(w.abs().max())
+    if isinstance(p, MatrixNormalization):
+        blocks = w.reshape(p.groups, w.shape[0] // p.groups, -1)
+        return float(torch.linalg.matrix_norm(blocks, ord=2).max())
+    conv = copy.deepcopy(module)
+    fn = lambda x: conv._conv_forward(x, w, None)  # noqa: E731  (linear part, float64)
+    channels, spatial = input_shape[0], input_shape[1:]
+    if conv.groups == channels and math.prod(spatial) <= 1024:
+        # depthwise: block diagonal over input channels; push a basis through every channel at once
+        n = math.prod(spatial)
+        basis = torch.eye(n, dtype=torch.float64).reshape(n, 1, *spatial).expand(n, channels, *spatial)
+        out = fn(basis.contiguous()).reshape(n, channels, -1)  # (basis, C, r * outputs)
+        return float(torch.linalg.matrix_norm(out.permute(1, 2, 0), ord=2).max())
+    return operator_norm(fn, (1, *input_shape), iters=3000, tol=1e-13)
+
+
+def layer_inputs(net: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+
+    def hook(name):
+        def record(module, args):
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+        return record
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m, _ in normalized_layers(net)]
+    with torch.no_grad():
+        net.eval()(x)
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def sgd_steps(net: nn.Module, x: torch.Tensor, steps: int = 4, lr: float = 0.5) -> None:
+    """A few large steps on a made-up target, so the weights move far between forwards."""
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    target = torch.randn_like(net(x))
+    for _ in range(steps):
+        opt.zero_grad()
+        out = net(x)
+        loss = (out / out.detach().abs().mean().clamp_min(1e-6) - target).square().mean()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_every_layer_stays_below_K_after_large_sgd_steps(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, num_classes=10).eval()
+    randomize_batchnorm(model)
+    x = torch.randn(4, 3, 32, 32)
+    K = 2.0
+    net = lipfx.convert(model, x, K=K)
+    shapes = layer_inputs(net, x[:1])
+    before = {n: m.parametrizations.weight.original.detach().clone()
+              for n, m, p in normalized_layers(net) if not isinstance(p, DiagonalNormalization)}
+    sgd_steps(net, x)
+    layers = list(normalized_layers(net))
+    assert len(layers) == len(shapes) > 30
+    moved = [n for n, m, p in layers if n in before and not torch.allclose(before[n], m.parametrizations.weight.original)]
+    assert len(moved) >= 0.9 * len(before)  # the optimiser really changed the weights
+    kinds = {type(p) for _, _, p in layers}
+    assert {ConvNormalization, MatrixNormalization} <= kinds
+    net.train()
+    worst_train = max(true_norm(m, p, shapes[n]) / K for n, m, p in layers)
+    net.eval()
+    worst_eval = max(true_norm(m, p, shapes[n]) / K for n, m, p in layers)
+    assert worst_train <= 1 + 1e-3, worst_train
+    assert worst_eval <= 1.0, worst_eval
+    assert worst_eval > 0.9  # normalization targets K, it does not merely stay below it
+
+
+def test_every_layer_kind_on_a_small_net_against_dense_svd():
+    """Strided, dilated, grouped, circular-padded and full (un-rewritten) convs, 1-D and 3-D,
+    ChannelAffine: eval norms <= K against the dense matrix of each layer."""
+    from reference import dense_norm
+
+    cases = [
+        (nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, dilation=2, groups=3)), (3, 9, 9), "exact"),
+        (nn.Sequential(nn.Conv2d(3, 5, 3, padding=1, padding_mode="circular"), nn.Conv2d(5, 4, 2, stride=2)), (3, 6, 6), None),
+        (nn.Sequential(nn.Conv1d(2, 4, 5, padding=2), nn.BatchNorm1d(4), nn.ReLU(), nn.Conv1d(4, 4, 1, groups=2)), (2, 12), "exact"),
+        (nn.Sequential(nn.Conv3d(1, 3, 3, padding=1, stride=(1, 2, 2))), (1, 4, 6, 6), "exact"),
+        (nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)), (3, 5, 5), "exact"),
+    ]
+    for model, shape, separable in cases:
+        torch.manual_seed(0)
+        model = model.double().eval()
+        randomize_batchnorm(model)
+        x = torch.randn(2, *shape, dtype=torch.float64)
+        net = lipfx.convert(model, x, K=1.5, separable=separable)
+        sgd_steps(net, x, steps=2, lr=0.3)
+        shapes = layer_inputs(net, x[:1])
+        net.eval()
+        layers = list(normalized_layers(net))
+        assert layers
+        for name, m, p in layers:
+            if isinstance(p, DiagonalNormalization):
+                got = float(m.scale.abs().max())
+            else:
+                got = dense_norm(_linear(m), shapes[name])
+            assert got <= 1.5 * (1 + 1e-12), (name, got)
+            assert got >= 1.5 / 3, (name, got)  # tight enough to matter (1x1 outputs here are the loosest case)
+        if separable is None:
+            assert any(isinstance(p, ConvNormalization) and p.groups == 1 for _, _, p in layers)
+        if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) and separable:
+            assert any(isinstance(m, ChannelAffine) for _, m, _ in layers)
+
+
+def _linear(conv: nn.Module) -> nn.Module:
+    out = copy.deepcopy(conv)
+    if getattr(out, "bias", None) is not None:
+        out.bias = None
+    return out
+
+
+def test_soft_scaling_constant_is_K_tanh_s_and_s_learns():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
+    x = torch.randn(4, 3, 6, 6)
+    net = lipfx.convert(model, x, K=3.0, scaling="soft", s_init=0.4)
+    layers = list(normalized_layers(net))
+    for _, _, p in layers:
+        assert p.constant() == pytest.approx(3.0 * math.tanh(0.4), rel=1e-6)
+    net.train()
+    net(x).square().sum().backward()
+    assert all(p.s.grad is not None and p.s.grad.abs() > 0 for _, _, p in layers)
+    net.eval()
+    with torch.no_grad():
+        lin = net.get_submodule("3")
+        assert float(torch.linalg.matrix_norm(lin.weight.double(), ord=2)) == pytest.approx(3.0 * math.tanh(0.4), rel=1e-5)
+    assert "soft K*tanh(s)" in str(net)
+
+
+def test_eval_caches_until_the_weights_change():
+    torch.manual_seed(0)
+    net = lipfx.convert(nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2)), torch.randn(1, 5), K=2.0).eval()
+    lin = net.get_submodule("0")
+    with torch.no_grad():
+        first = lin.weight
+        assert lin.weight is first  # cached: no per-call work in inference
+        lin.parametrizations.weight.original.mul_(3.0)  # in place, as an optimiser step does
+        second = lin.weight
+    assert second is not first
+    assert float(torch.linalg.matrix_norm(second.double(), ord=2)) <= 2.0
+    # with gradients on (an attack on the input, or fine-tuning in eval mode) weights still get them
+    lin.weight.sum().backward()
+    assert lin.parametrizations.weight.original.grad is not None
+
+
+def test_K_patterns_and_callables():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 2))
+    x = torch.randn(1, 3, 4, 4)
+    net = lipfx.convert(model, x, K={"0": 3.0, "2.depthwise": None, "*": 0.5})
+    consts = {n: p.constant() for n, _, p in normalized_layers(net)}
+    # a pattern for the original conv name matches both halves of its separable pair
+    assert consts == {"0.depthwise": 3.0, "0.pointwise": 3.0, "2.pointwise": 0.5, "4": 0.5}
+    assert any(r.action == "not-normalized" and r.name == "2.depthwise" for r in net.lipfx_report.records)
+    net = lipfx.convert(model, x, K=lambda name, m: 4.0 if isinstance(m, nn.Linear) else 1.0)
+    assert {n: p.constant() for n, _, p in normalized_layers(net)}["4"] == 4.0
+    lipfx.set_constants(net, 0.25)
+    assert all(p.constant() == 0.25 for _, _, p in normalized_layers(net))
+    with pytest.raises(lipfx.LipfxError, match="no K pattern matches layer '0.depthwise'"):
+        lipfx.convert(model, x, K={"4": 1.0})
+    for bad in (0.0, -1.0, math.inf, "2"):
+        with pytest.raises(lipfx.LipfxError, match="positive finite"):
+            lipfx.convert(model, x, K=bad)
+
+
+def test_print_shows_where_normalization_sits():
+    net = lipfx.convert(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2)), torch.randn(1, 3, 9, 9), K=20)
+    text = str(net)
+    assert "ConvNormalization(K=20, hard, bound=fft@9x9)" in text
+    assert "MatrixNormalization(K=20, hard, bound=power-iteration(eps=0.01))" in text
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    randomize_batchnorm(model)
+    x = torch.randn(2, 3, 32, 32)
+    net = lipfx.convert(model, x, K=1.5)
+    sgd_steps(net, x, steps=2, lr=0.1)
+    return net.eval(), x
+
+
+def test_state_dict_round_trip_keeps_power_iteration_state(trained):
+    net, x = trained
+    state = net.state_dict()
+    assert any(k.endswith("parametrizations.weight.0.v") for k in state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    other = lipfx.convert(torchvision.models.resnet18(num_classes=10).eval(), x, K=1.5)
+    other.load_state_dict(torch.load(buf))
+    other.eval()
+    with torch.no_grad():
+        assert torch.equal(other(x), net(x))
+    other.train(), net.train()
+    a, b = copy.deepcopy(net), copy.deepcopy(other)  # train forwards advance the state: compare copies
+    assert torch.equal(a(x), b(x))
+    net.eval()
+
+
+def test_bake_gives_a_plain_model_with_identical_outputs_that_loads_without_lipfx(trained, tmp_path):
+    net, x = trained
+    baked = lipfx.bake(net)
+    with torch.no_grad():
+        assert torch.equal(baked(x), net(x))
+    assert not any(type(m).__module__.startswith("lipfx") for m in baked.modules())
+    assert not any("Parametrized" in type(m).__name__ for m in baked.modules())
+    with torch.no_grad():  # net itself is untouched and still normalized
+        assert torch.equal(net(x), lipfx.bake(net)(x))
+    path = tmp_path / "baked.pt"
+    torch.save(baked, path)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(baked(x).detach(), tmp_path / "y.pt")
+    code = (
+        "import sys; sys.modules['lipfx'] = None\n"  # importing lipfx now fails
+        "import torch\n"
+        f"m = torch.load(r'{path}', weights_only=False)\n"
+        f"x = torch.load(r'{tmp_path / 'x.pt'}'); y = torch.load(r'{tmp_path / 'y.pt'}')\n"
+        "assert torch.equal(m(x), y)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    exported = torch.export.export(baked, (x,))
+    assert torch.equal(exported.module()(x), baked(x))
+
+
+def test_bake_inlines_channel_affine():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)).eval()
+    randomize_batchnorm(model)
+    x = torch.randn(2, 3, 5, 5)
+    net = lipfx.convert(model, x, K=0.7).eval()
+    baked = lipfx.bake(net)
+    with torch.no_grad():
+        assert torch.allclose(baked(x), net(x), atol=1e-6)
+    torch.export.export(baked, (x,))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.head = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(h + self.block(h))
+
+
+def test_torch_compile_gives_the_same_outputs():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    net = lipfx.convert(SmallResNet().eval(), x, K=1.5).eval()
+    compiled = torch.compile(copy.deepcopy(net))
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), net(x), rtol=1e-5, atol=1e-6)
+    a, b = copy.deepcopy(net).train(), copy.deepcopy(net).train()
+    assert torch.allclose(torch.compile(b)(x), a(x), rtol=1e-4, atol=1e-5)
+
+
+def test_float64():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    net = lipfx.convert(model, x, K=1.0).eval()
+    net32 = lipfx.convert(model.float(), x.float(), K=1.0).eval()
+    with torch.no_grad():
+        out = net(x)
+        assert out.dtype == torch.float64
+        assert torch.allclose(out.float(), net32(x.float()), rtol=1e-3, atol=1e-5)
+    shapes = layer_inputs(net, x[:1])
+    for name, m, p in list(normalized_layers(net))[:6]:
+        assert true_norm(m, p, shapes[name]) <= 1.0
+
+
+def test_budget_with_normalization_holds_through_training():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    net = lipfx.convert(model, x, lipschitz=1.0)
+    plain = lipfx.certificate(net, x, compose_linear=False, dense_max=0)
+    assert 0.99 <= plain.bound <= 1.0  # the budget is used fully by the guaranteed bound
+    assert net.lipfx_certificate.bound <= 1.0
+    assert len(net.lipfx_report.by_action("budget")) == len(list(normalized_layers(net)))
+    sgd_steps(net, x, steps=3, lr=0.5)
+    assert lipfx.certificate(net, x).bound <= 1.0
+    assert lipfx.certificate(net, x, compose_linear=False, dense_max=0).bound <= 1.0
+
+
+def test_already_normalized_is_refused_and_zero_weights_are_safe():
+    net = lipfx.convert(nn.Sequential(nn.Linear(3, 3)), torch.randn(1, 3))
+    with pytest.raises(lipfx.LipfxError, match="already parametrized"):
+        lipfx.normalize(net)
+    zero = nn.Sequential(nn.Linear(3, 3))
+    nn.init.zeros_(zero[0].weight)
+    net = lipfx.convert(zero, torch.randn(1, 3))
+    for mode in (net.train(), net.eval()):
+        assert torch.isfinite(mode(torch.randn(2, 3))).all()
+
+
+def test_ddp_two_gloo_processes_stay_identical(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert states[0].keys() == states[1].keys()
+    assert any(k.endswith(".v") for k in states[0])
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    start = torch.load(tmp_path / "start.pt")
+    assert any(not torch.equal(start[k], states[0][k]) for k in start)  # training happened
