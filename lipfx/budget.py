@@ -101,7 +101,11 @@ def fit_constants(
     t = largest_within(lambda t: plain.evaluate({n: t * layers[n].constant() / local[n] for n in layers}), lipschitz)
     for name, p in layers.items():
         old = float(p.K)
-        p.K.mul_(t)
+        exact = old * t
+        k = torch.tensor(exact, dtype=p.K.dtype)
+        if float(k) > exact:  # K is stored in the weights' dtype: round it down, never up
+            k = torch.nextafter(k, torch.zeros_like(k))
+        p.K.copy_(k)
         if report is not None:
             report.add(name, "budget", f"K {old:.4g} -> {float(p.K):.4g}")
     final = certificate(gm, example_inputs, method=method)

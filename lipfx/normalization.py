@@ -57,7 +57,8 @@ class LipschitzNormalization(nn.Module):
         _check_K(K, name)
         self.scaling = scaling
         self.name = name
-        self.register_buffer("K", torch.tensor(float(K), dtype=torch.float64))
+        # in the default dtype, so model.to(dtype) keeps it in the weights' dtype (no cast per step)
+        self.register_buffer("K", torch.tensor(float(K)))
         self.s = nn.Parameter(torch.tensor(float(s_init))) if scaling == "soft" else None
         self._cache_key: Optional[tuple] = None
         self._cache_factor = 0.0
@@ -88,7 +89,8 @@ class LipschitzNormalization(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training:
             bound = self.train_bound(weight).clamp_min(torch.finfo(weight.dtype).tiny)
-            return weight * (self.scale().to(weight.dtype) / bound)
+            scale = self.scale()
+            return weight * ((scale if scale.dtype == weight.dtype else scale.to(weight.dtype)) / bound)
         factor = self._eval_factor(weight)
         needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (self.s is not None and self.s.requires_grad))
         if needs_grad:

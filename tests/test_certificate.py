@@ -254,16 +254,22 @@ def test_resnet18_certificate_parts_and_composition():
 
 # --- the budget ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
-def test_budget_gives_a_certificate_within_it(name):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_budget_gives_a_certificate_within_it(name, normalize):
     model = _zoo_model(name, {})
     x = torch.randn(1, 3, 32, 32)
-    net = lipfx.convert(model, x, lipschitz=1.0).eval()
+    net = lipfx.convert(model, x, lipschitz=1.0, normalize=normalize).eval()
     cert = lipfx.certificate(net, x)
     assert cert.bound <= 1.0
-    assert cert.bound >= 0.8  # the budget is used, not wasted (dense regions make the search conservative)
     assert net.lipfx_certificate.bound == pytest.approx(cert.bound)
     budgets = net.lipfx_report.by_action("budget")
-    assert len(budgets) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules())
+    if normalize:
+        # K is fitted on the plain chain rule, which then holds whatever the weights become
+        assert 0.99 <= lipfx.certificate(net, x, compose_linear=False, dense_max=0).bound <= 1.0
+        assert len(budgets) == len(list(lipfx.normalized_layers(net)))
+    else:
+        assert cert.bound >= 0.8  # the budget is used, not wasted (dense regions make the search conservative)
+        assert len(budgets) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules())
     found = max(jacobian_norm(net, torch.randn(1, 3, 32, 32), iters=8, seed=s) for s in range(2))
     assert found <= 1.0
 

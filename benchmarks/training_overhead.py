@@ -1,0 +1,170 @@
+"""Cost of a training step with lipfx's normalization, side by side with the same network unnormalized
+and with two peers on the same layers.
+
+    python benchmarks/training_overhead.py [--cases a,b,c] [--steps 5] [--device cpu|cuda]
+
+Cases (issue 4): (a) MobileNetV2 at 224x224, (b) ResNet-34 with every conv rewritten as
+depthwise-separable, BatchNorm removed, at 32x32 (the paper's CIFAR setup), (c) a small 3-D conv
+net on 1x64x64x64 volumes. Variants, all on the same converted network:
+  plain       lipfx.convert(..., normalize=False)
+  lipfx       lipfx.convert(...) (FFT bounds for depthwise parts, warm power iteration on the
+              small pointwise/linear matrices)
+  torch-sn    torch.nn.utils.parametrizations.spectral_norm on every conv/linear (reshaped-kernel
+              heuristic, NOT a bound on a conv's norm; one power step per forward)
+  full-power  one warm-started power step per forward on the full conv operator (i-ResNet's
+              approach; its state is input-sized)
+Step = forward + backward + SGD step. Variants run interleaved, round after round, and the median
+step time is reported with its ratio to `plain`; state = bytes of normalization buffers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
+
+import lipfx
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class FullOperatorPower(nn.Module):
+    """W / sigma, sigma from one warm power step on the layer's whole operator at its input size."""
+
+    def __init__(self, module: nn.Module, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.apply_op = (lambda x, w: module._conv_forward(x, w, None)) if isinstance(module, CONVS) else (
+            lambda x, w: nn.functional.linear(x, w))
+        u = torch.randn(1, *input_shape, device=module.weight.device)
+        self.register_buffer("u", u / u.norm())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.enable_grad():
+                u = self.u.detach().requires_grad_(True)
+                out = self.apply_op(u, weight.detach())
+                (g,) = torch.autograd.grad(out, u, grad_outputs=out.detach())  # A^T A u
+            with torch.no_grad():
+                self.u.copy_(g / g.norm().clamp_min(1e-30))
+        sigma = self.apply_op(self.u, weight).norm()
+        return weight / sigma
+
+
+def layer_inputs(net: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for name, m in net.named_modules():
+        if isinstance(m, CONVS + (nn.Linear,)):
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, args, n=name: shapes.setdefault(n, tuple(args[0].shape[1:])) and None))
+    with torch.no_grad():
+        net(x[:1])
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def variants(model: nn.Module, x: torch.Tensor, bn: str) -> dict[str, nn.Module]:
+    plain = lipfx.convert(model, x[:1], normalize=False, bn=bn)
+    out = {"plain": plain, "lipfx": lipfx.convert(model, x[:1], K=1.0, bn=bn)}
+    sn = lipfx.convert(model, x[:1], normalize=False, bn=bn)
+    for name, m in list(sn.named_modules()):
+        if isinstance(m, CONVS + (nn.Linear,)):
+            spectral_norm(m)
+    out["torch-sn"] = sn
+    full = lipfx.convert(model, x[:1], normalize=False, bn=bn)
+    shapes = layer_inputs(full, x)
+    for name, m in list(full.named_modules()):
+        if name in shapes:
+            parametrize.register_parametrization(m, "weight", FullOperatorPower(m, shapes[name]))
+    out["full-power"] = full
+    return out
+
+
+def state_bytes(net: nn.Module) -> int:
+    total = 0
+    for m in net.modules():
+        if parametrize.is_parametrized(m):
+            for plist in m.parametrizations.values():
+                total += sum(b.numel() * b.element_size() for b in plist.buffers())
+                total += sum(p.numel() * p.element_size() for p in plist.parameters() if p is not plist.original)
+    return total
+
+
+def step_fn(net: nn.Module, x: torch.Tensor, classes: int):
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    y = torch.randint(0, classes, (x.shape[0],), device=x.device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def small_3d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv3d(1, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
+        nn.Conv3d(16, 32, 3, stride=2, padding=1), nn.BatchNorm3d(32), nn.ReLU(),
+        nn.Conv3d(32, 32, 3, stride=2, padding=1), nn.BatchNorm3d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(32, 2),
+    )
+
+
+CASES = {
+    "a": ("MobileNetV2 @224", lambda: torchvision.models.mobilenet_v2(num_classes=1000), (3, 224, 224), "fold", 1000),
+    "b": ("ResNet-34 separable @32, no BN", lambda: torchvision.models.resnet34(num_classes=10), (3, 32, 32), "remove", 10),
+    "c": ("3-D conv net @1x64^3", small_3d, (1, 64, 64, 64), "fold", 2),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="a,b,c")
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every variant once)")
+    ap.add_argument("--batch", default="a=8,b=128,c=2", help="batch size per case, e.g. a=8,b=128,c=2")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    batch = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.batch.split(",")))
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; {args.steps} timed rounds after 2 warm-up rounds")
+    print(f"{'case':<32} {'variant':<11} {'step (ms)':>10} {'ratio':>7} {'state bytes':>12}")
+    for key in args.cases.split(","):
+        label, make, shape, bn, classes = CASES[key]
+        model = make().eval()
+        x = torch.randn(batch[key], *shape)
+        nets = {k: v.to(args.device).train() for k, v in variants(model, x, bn).items()}
+        x = x.to(args.device)
+        steps = {k: step_fn(v, x, classes) for k, v in nets.items()}
+        times: dict[str, list[float]] = {k: [] for k in nets}
+        for r in range(args.steps + 2):
+            for k, fn in steps.items():
+                t = timed(fn, args.device)
+                if r >= 2:
+                    times[k].append(t)
+        base = statistics.median(times["plain"])
+        for k in nets:
+            med = statistics.median(times[k])
+            print(f"{label + ' b=' + str(batch[key]):<32} {k:<11} {med * 1e3:10.1f} {med / base:7.3f} {state_bytes(nets[k]):12,d}")
+
+
+if __name__ == "__main__":
+    main()

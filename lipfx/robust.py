@@ -1,0 +1,248 @@
+"""Certified robustness from the certificate (MATH 9, Tsuzuku et al. 2018).
+
+With logits f, label t and a network bound L, no l2 perturbation smaller than
+    (f_t - max_{j != t} f_j) / (sqrt(2) L)
+changes the prediction ("global"). When the network ends in a linear layer W on features phi
+with bound L_phi, each pair gets its own constant L_phi ||W_t - W_j|| ("pairwise"), usually
+much larger radii. Everything here is a *guarantee*: radii come from certified bounds only.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .certify import Certificate, certificate as make_certificate
+from .errors import LipfxError, ShapeError
+
+METHODS = ("pairwise", "global")
+DEFAULT_EPS = (0.1, 0.25, 0.5, 36 / 255)
+Data = Union[tuple[torch.Tensor, torch.Tensor], Iterable[Sequence[torch.Tensor]]]
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ShapeError(f"certified radii need logits of shape (batch, classes >= 2), the model returned {shape}")
+    return out.double()
+
+
+def _check_certificate(cert: Certificate, x: torch.Tensor) -> None:
+    if cert.input_shapes and tuple(cert.input_shapes[0][1:]) != tuple(x.shape[1:]):
+        raise ShapeError(
+            f"the certificate was computed for inputs of shape {tuple(cert.input_shapes[0][1:])}, "
+            f"got {tuple(x.shape[1:])}: conv bounds depend on the resolution, certify at this shape"
+        )
+
+
+def final_linear(model: nn.Module, cert: Certificate) -> Optional[tuple[torch.Tensor, float]]:
+    """(W, L_phi) when the network's output is a Linear module applied to features phi whose
+    certified bound is L_phi; None otherwise. W is the weight the layer uses in eval mode."""
+    if len(cert.records) < 2 or cert.records[-1].op != "output":
+        return None
+    last = cert.record(cert.records[-1].inputs[0]) if cert.records[-1].inputs else None
+    if last is None or len(last.inputs) != 1:
+        return None
+    try:
+        module = model.get_submodule(last.target)
+    except AttributeError:
+        return None
+    if not isinstance(module, nn.Linear):
+        return None
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            weight = module.weight.detach().double().clone()
+    finally:
+        module.train(was)
+    return weight, cert.record(last.inputs[0]).bound
+
+
+def pairwise_lipschitz(model: nn.Module, cert: Certificate) -> Optional[torch.Tensor]:
+    """(C, C) matrix of certified constants of f_i - f_j, or None without a final linear layer."""
+    found = final_linear(model, cert)
+    if found is None:
+        return None
+    weight, l_phi = found
+    return l_phi * torch.cdist(weight, weight)
+
+
+def certified_radius(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: Optional[torch.Tensor] = None,
+    certificate: Optional[Certificate] = None,
+    method: str = "pairwise",
+) -> torch.Tensor:
+    """One l2 radius per input within which the prediction provably does not change.
+
+    Args:
+        model: a classifier returning (batch, classes) logits; evaluated in eval mode.
+        x: a batch of inputs.
+        y: labels; where the prediction is wrong the radius is 0.
+        certificate: a certificate of ``model`` at ``x``'s shape (computed when not given).
+        method: ``"pairwise"`` (the last linear layer's row differences when the network ends in
+            one; never smaller than ``"global"``) or ``"global"`` (margin / (sqrt(2) L)).
+
+    An infinite certificate gives radius 0 everywhere, with a warning naming the culprits.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    cert = certificate if certificate is not None else make_certificate(model, x[:1])
+    _check_certificate(cert, x)
+    logits = _logits(model, x)
+    pred = logits.argmax(1)
+    target = pred if y is None else y.to(pred.device).long()
+    zero = torch.zeros(len(x), dtype=torch.float64)
+    if math.isinf(cert.bound) or math.isnan(cert.bound):
+        culprits = "; ".join(c.reason for c in cert.unbounded) or "unknown"
+        warnings.warn(f"the certificate is infinite ({culprits}): every certified radius is 0", RuntimeWarning, stacklevel=2)
+        return zero
+    gaps = logits.gather(1, target[:, None]) - logits  # f_t - f_j, (B, C)
+    others = torch.ones_like(gaps, dtype=torch.bool).scatter_(1, target[:, None], False)
+    margin = gaps.masked_fill(~others, math.inf).amin(1)
+    radius = (margin / (math.sqrt(2) * cert.bound)) if cert.bound > 0 else torch.where(margin > 0, math.inf, 0.0)
+    if method == "pairwise":
+        pair = pairwise_lipschitz(model, cert)
+        if pair is not None:
+            const = pair.to(gaps.device)[target]  # (B, C): constant of f_t - f_j
+            per_pair = torch.where(const > 0, gaps / const, torch.where(gaps > 0, math.inf, 0.0))
+            radius = torch.maximum(radius, per_pair.masked_fill(~others, math.inf).amin(1))
+    radius = radius.clamp_min(0.0).cpu()
+    if y is not None:
+        radius = torch.where((pred == target).cpu(), radius, zero)
+    return radius
+
+
+@dataclass
+class RobustAccuracy:
+    """Clean accuracy and certified accuracy (radius >= eps) over a dataset."""
+
+    clean: float
+    certified: dict[float, float]
+    n: int
+    bound: float
+    method: str
+    radii: torch.Tensor = field(repr=False)
+
+    def __str__(self) -> str:
+        lines = [f"{self.n} inputs, network bound {self.bound:.4g}, {self.method} radii",
+                 f"  clean accuracy       {self.clean:7.2%}"]
+        for eps, acc in self.certified.items():
+            lines.append(f"  certified @ eps={eps:<7.4g} {acc:7.2%}")
+        return "\n".join(lines)
+
+
+def certified_accuracy(
+    model: nn.Module,
+    data: Data,
+    eps: Sequence[float] = DEFAULT_EPS,
+    *,
+    certificate: Optional[Certificate] = None,
+    method: str = "pairwise",
+    batch_size: int = 256,
+    progress: Optional[bool] = None,
+) -> RobustAccuracy:
+    """Clean and certified accuracy at each ``eps`` over ``data``.
+
+    ``data``: a pair of tensors ``(x, y)`` or an iterable of ``(x, y)`` batches (a DataLoader).
+    The certificate is computed once, from the first batch's input shape. ``progress``: show
+    a progress line on stderr (``None``: only on a terminal, once the run takes over 2 s).
+    """
+    eps = tuple(float(e) for e in eps)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        x_all, y_all = data
+        if len(x_all) != len(y_all):
+            raise ShapeError(f"data: {len(x_all)} inputs but {len(y_all)} labels")
+        batches: Iterable = ((x_all[i:i + batch_size], y_all[i:i + batch_size]) for i in range(0, len(x_all), batch_size))
+        total: Optional[int] = math.ceil(len(x_all) / batch_size)
+    else:
+        batches, total = data, (len(data) if hasattr(data, "__len__") else None)
+    show = _Progress(total, progress)
+    radii, correct = [], []
+    cert = certificate
+    for i, batch in enumerate(batches):
+        x, y = batch[0], batch[1]
+        if cert is None:
+            cert = make_certificate(model, x[:1])
+        r = certified_radius(model, x, y, certificate=cert, method=method)
+        correct.append(_logits(model, x).argmax(1).cpu() == y.cpu())
+        radii.append(r)
+        show.update(i + 1)
+    show.close()
+    if not radii:
+        raise LipfxError("certified_accuracy: data is empty")
+    radius = torch.cat(radii)
+    right = torch.cat(correct)
+    n = len(radius)
+    return RobustAccuracy(
+        clean=float(right.double().mean()),
+        certified={e: float(((radius >= e) & right).double().sum() / n) for e in eps},
+        n=n, bound=cert.bound, method=method, radii=radius,
+    )
+
+
+class _Progress:
+    """A one-line progress display on stderr for long runs."""
+
+    def __init__(self, total: Optional[int], enabled: Optional[bool]) -> None:
+        self.total, self.enabled, self.start, self.shown = total, enabled, time.monotonic(), False
+
+    def update(self, done: int) -> None:
+        if self.enabled is False:
+            return
+        if self.enabled is None and not (sys.stderr.isatty() and time.monotonic() - self.start > 2.0):
+            return
+        of = f"/{self.total}" if self.total else ""
+        sys.stderr.write(f"\rcertifying: batch {done}{of}, {time.monotonic() - self.start:.0f}s")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+def margin_loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    lipschitz: Union[float, torch.Tensor],
+    temperature: float = 0.25,
+) -> torch.Tensor:
+    """Lipschitz-margin loss (Tsuzuku et al. 2018): cross-entropy of logits whose non-target
+    entries are raised by the largest change an ``eps`` perturbation could make, at a temperature.
+
+    Args:
+        logits: (batch, classes).
+        y: labels.
+        eps: the l2 radius to train for.
+        lipschitz: the network's bound L (margin sqrt(2) * eps * L for every class), or a (C, C)
+            matrix of pairwise constants of f_i - f_j (margin eps * K[y, j]), e.g.
+            :func:`pairwise_lipschitz`.
+        temperature: logits are divided by it before the softmax. Lipschitz-bounded logits
+            span a small range, so a temperature below 1 is what makes the loss train.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if isinstance(lipschitz, torch.Tensor) and lipschitz.dim() == 2:
+        margin = eps * lipschitz.to(logits)[y]
+    else:
+        margin = math.sqrt(2) * eps * float(lipschitz) * torch.ones_like(logits)
+    margin = margin.scatter(1, y[:, None], 0.0)
+    return nn.functional.cross_entropy((logits + margin) / temperature, y)

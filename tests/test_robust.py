@@ -1,0 +1,148 @@
+"""Certified robustness (issue 7): radii that a strong l2 attack cannot break."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lipfx
+from lipfx.robust import certified_accuracy, certified_radius, margin_loss, pairwise_lipschitz
+
+
+def made_up_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three classes of 1x8x8 images: a fixed smooth prototype per class plus noise."""
+    gen = torch.Generator().manual_seed(0)
+    protos = nn.functional.avg_pool2d(torch.randn(3, 1, 8, 8, generator=gen), 3, 1, 1) * 4
+    gen.manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return protos[y] + 0.4 * torch.randn(n, 1, 8, 8, generator=gen), y
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 3),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    x, y = made_up_data(512, seed=1)
+    net = lipfx.convert(small_cnn().eval(), x[:1], lipschitz=1.0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net.train()
+    for _ in range(150):
+        opt.zero_grad()
+        margin_loss(net(x), y, eps=0.5, lipschitz=1.0).backward()
+        opt.step()
+    net.eval()
+    return net, made_up_data(300, seed=2)
+
+
+def attack(model, x, y, radius, steps=100, restarts=4, seed=0):
+    """l2 PGD on the margin max_{j != y} f_j - f_y inside balls of the given per-input radii.
+    Returns the mask of inputs whose prediction it changed."""
+    gen = torch.Generator().manual_seed(seed)
+    r = radius.float().view(-1, 1, 1, 1)
+    flipped = torch.zeros(len(x), dtype=torch.bool)
+    for _ in range(restarts):
+        delta = torch.randn(x.shape, generator=gen)
+        delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * r * torch.rand(len(x), 1, 1, 1, generator=gen)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            out = model(x + delta)
+            other = out.scatter(1, y[:, None], -math.inf).amax(1)
+            (other - out.gather(1, y[:, None]).squeeze(1)).sum().backward()
+            with torch.no_grad():
+                g = delta.grad
+                delta = delta + 0.1 * r * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+                delta = delta * torch.clamp(r / norm.clamp_min(1e-12), max=1.0)
+                flipped |= model(x + delta).argmax(1) != y
+    return flipped
+
+
+def test_no_attack_changes_a_prediction_within_its_radius(trained):
+    net, (x, y) = trained
+    radius = certified_radius(net, x, y)
+    right = radius > 0
+    assert right.sum() >= 150 and float(radius[right].median()) > 0.2  # a real, non-trivial test
+    inside = attack(net, x[right], y[right], radius[right] * 0.999)
+    assert not inside.any()
+    # the attack itself works: at 4x the radius it flips a good share of the same points
+    outside = attack(net, x[right], y[right], radius[right] * 4)
+    assert outside.float().mean() > 0.2
+
+
+def test_pairwise_radii_dominate_global_and_wrong_predictions_get_zero(trained):
+    net, (x, y) = trained
+    cert = lipfx.certificate(net, x[:1])
+    pair = certified_radius(net, x, y, certificate=cert, method="pairwise")
+    glob = certified_radius(net, x, y, certificate=cert, method="global")
+    assert (pair >= glob).all() and (pair > glob).any()
+    with torch.no_grad():
+        logits = net(x).double()
+    top2 = logits.topk(2, dim=1).values
+    expected = (top2[:, 0] - top2[:, 1]) / (math.sqrt(2) * cert.bound)
+    wrong = logits.argmax(1) != y
+    assert torch.allclose(glob[~wrong], expected[~wrong])
+    assert (glob[wrong] == 0).all() and (pair[wrong] == 0).all()
+    # without labels: radius of the predicted class, never 0 unless tied
+    assert (certified_radius(net, x, certificate=cert) > 0).all()
+    k = pairwise_lipschitz(net, cert)
+    assert k.shape == (3, 3) and torch.all(k.diagonal() == 0)
+    w = net.get_submodule("5").weight.detach().double()
+    l_phi = cert.record(cert.record(cert.records[-1].inputs[0]).inputs[0]).bound
+    assert float(k[0, 2]) == pytest.approx(l_phi * float((w[0] - w[2]).norm()))
+
+
+def test_infinite_certificate_gives_zero_radius_with_a_warning():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).eval()
+    x = torch.randn(5, 1, 2, 2)
+    with pytest.warns(RuntimeWarning, match="infinite.*LayerNorm|infinite.*normalises"):
+        r = certified_radius(net, x)
+    assert (r == 0).all()
+
+
+def test_certificate_shape_must_match():
+    net = small_cnn().eval()
+    cert = lipfx.certificate(net, torch.randn(1, 1, 8, 8))
+    with pytest.raises(lipfx.ShapeError, match="computed for inputs of shape"):
+        certified_radius(net, torch.randn(2, 1, 12, 12), certificate=cert)
+
+
+def test_certified_accuracy_on_tensors_and_a_dataloader(trained):
+    net, (x, y) = trained
+    res = certified_accuracy(net, (x, y), eps=(0.0, 0.1, 0.25, 0.5), batch_size=64)
+    radius = certified_radius(net, x, y)
+    assert res.n == len(x)
+    assert res.clean == pytest.approx(float((net(x).argmax(1) == y).double().mean()))
+    for eps, acc in res.certified.items():
+        assert acc == pytest.approx(float((radius >= eps).double().mean()))
+    accs = list(res.certified.values())
+    assert accs == sorted(accs, reverse=True) and accs[0] == pytest.approx(res.clean)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50)
+    again = certified_accuracy(net, loader, eps=(0.0, 0.1, 0.25, 0.5), progress=True)
+    assert again.certified == pytest.approx(res.certified) and again.clean == pytest.approx(res.clean)
+    assert "certified @ eps=0.25" in str(res)
+
+
+def test_margin_loss():
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 4, requires_grad=True), torch.tensor([0, 1, 2, 3, 0, 1])
+    plain = nn.functional.cross_entropy(logits / 0.5, y)
+    assert float(margin_loss(logits, y, eps=0.0, lipschitz=1.0, temperature=0.5)) == pytest.approx(float(plain))
+    # the margin is added to every non-target logit: sqrt(2) eps L
+    shifted = logits + math.sqrt(2) * 0.3 * 2.0 * (1 - nn.functional.one_hot(y, 4))
+    expected = nn.functional.cross_entropy(shifted / 0.5, y)
+    assert float(margin_loss(logits, y, eps=0.3, lipschitz=2.0, temperature=0.5)) == pytest.approx(float(expected))
+    pair = torch.rand(4, 4)
+    got = margin_loss(logits, y, eps=0.3, lipschitz=pair, temperature=0.5)
+    manual = logits + 0.3 * pair[y] * (1 - nn.functional.one_hot(y, 4))
+    assert float(got) == pytest.approx(float(nn.functional.cross_entropy(manual / 0.5, y)))
+    got.backward()
+    assert logits.grad is not None
+    with pytest.raises(ValueError):
+        margin_loss(logits, y, eps=0.1, lipschitz=1.0, temperature=0.0)
