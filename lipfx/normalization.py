@@ -32,7 +32,7 @@ from .layers import ChannelAffine, SeparableConv
 from .norms.conv import conv_bound, grouped_matrix_norm
 from .norms.estimators import grouped_power_iteration
 from .norms.geometry import ConvGeometry, conv_geometry
-from .norms.training import fft_bound
+from .norms.training import Peak, block_norm, peak, tap_drift
 from .passes.report import ConversionReport
 
 KSpec = Union[float, Mapping[str, Optional[float]], Callable[[str, nn.Module], Optional[float]]]
@@ -170,11 +170,12 @@ class ConvNormalization(LipschitzNormalization):
     """Depthwise and other spatial convs: the FFT / polyphase bound at the input resolution(s).
 
     ``sizes``: the spatial input sizes the layer is used at (one per call site); the bound is
-    the max over them.
+    the max over them. ``refresh``: relative kernel drift that triggers a full evaluation in
+    training (see :meth:`train_bound`).
     """
 
     def __init__(self, conv: nn.Module, sizes: Sequence[Sequence[int]], K: float, scaling: str = "hard",
-                 s_init: float = 3.0, name: str = "") -> None:
+                 s_init: float = 3.0, name: str = "", refresh: float = 1e-3) -> None:
         super().__init__(K, scaling, s_init, name)
         geom = conv_geometry(conv, name)
         self.groups, self.stride, self.dilation = geom.groups, geom.stride, geom.dilation
@@ -183,13 +184,49 @@ class ConvNormalization(LipschitzNormalization):
         for n in self.sizes:
             geom.check_input(n, name)
         self.kind = "fft@" + ",".join("x".join(map(str, n)) for n in self.sizes)
+        self.refresh = refresh
+        # (weight, bound, peaks) at the last full evaluation; derived state, not in the state_dict
+        self._ref: Optional[tuple[torch.Tensor, float, list]] = None
 
     def _geometry(self, weight: torch.Tensor) -> ConvGeometry:
         return ConvGeometry(weight, self.groups, self.stride, self.dilation, self.pads, self.padding_mode)
 
     def train_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        """The FFT bound, recomputed over the whole spectrum only when the kernel has drifted.
+
+        Between full evaluations every block norm moves by at most the tap drift
+        (:func:`tap_drift`), so ``bound_at_last_full + drift`` is still an upper bound; the
+        returned value equals it, with the gradient of the current norm at the last peak.
+        A full evaluation runs when the drift exceeds ``refresh`` times the bound, which keeps
+        the normalized norm within that factor of K.
+        """
         geom = self._geometry(weight)
-        return torch.stack([fft_bound(geom, n) for n in self.sizes]).amax()
+        ref = self._ref
+        if ref is not None and ref[0].shape == weight.shape and ref[0].dtype == weight.dtype and ref[0].device == weight.device:
+            drift = tap_drift(weight - ref[0], self.groups) * max(p.factor for _, p in ref[2])
+            if drift <= self.refresh * ref[1]:
+                at_peak = torch.stack([block_norm(geom, n, p) for n, p in ref[2]]).amax()
+                return at_peak + (ref[1] + drift - at_peak.detach())
+        peaks = [(n, peak(geom, n)) for n in self.sizes]
+        value = torch.stack([block_norm(geom, n, p) for n, p in peaks]).amax()
+        self._ref = (weight.detach().clone(), float(value.detach()), peaks)
+        return value
+
+    def get_extra_state(self) -> dict:
+        """The last full evaluation, so a reloaded model trains on exactly as the saved one
+        (plain types only: loads with ``torch.load(weights_only=True)``)."""
+        if self._ref is None:
+            return {}
+        weight, bound, peaks = self._ref
+        return {"weight": weight, "bound": bound,
+                "peaks": [(tuple(n), p.group, tuple(p.freq), p.factor) for n, p in peaks]}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not state:
+            self._ref = None
+            return
+        peaks = [(tuple(n), Peak(int(g), tuple(f), float(fac))) for n, g, f, fac in state["peaks"]]
+        self._ref = (state["weight"], float(state["bound"]), peaks)
 
     def exact_bound(self, weight: torch.Tensor) -> float:
         geom = self._geometry(weight)

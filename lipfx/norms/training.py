@@ -9,7 +9,8 @@ on the layer's norm (up to float round-off), never an estimate from below.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -18,12 +19,20 @@ from .geometry import ConvGeometry, padding_norm
 from .spectral import phase_stack, transfer_matrices
 
 
-def fft_bound(geom: ConvGeometry, n: Sequence[int]) -> torch.Tensor:
-    """max over frequencies of the per-frequency block norm, differentiable in ``geom.weight``.
+class Peak(NamedTuple):
+    """Where a conv's FFT bound is attained: group, frequency index on the (sub)grid, and the
+    padding-operator factor that multiplies it."""
 
-    Depthwise blocks (one input channel per group) are rows or columns, so their norm is a
-    vector norm; other blocks take a batched matrix 2-norm (SVD). Non-zero padding modes are
-    bounded as ||P|| times the valid conv on the padded input, as in :func:`conv.conv_bound`.
+    group: int
+    freq: tuple[int, ...]
+    factor: float
+
+
+def _stacked(geom: ConvGeometry, n: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...], float]:
+    """Phase-stacked kernel (groups, Cout_g, Cin_g * P, *taps), its grid, and ||P||.
+
+    Non-zero padding modes are bounded as ||P|| times the valid conv on the padded input, as in
+    :func:`conv.conv_bound`.
     """
     factor = 1.0
     if geom.padding_mode != "zeros":
@@ -38,40 +47,79 @@ def fft_bound(geom: ConvGeometry, n: Sequence[int]) -> torch.Tensor:
         stacked = weight.reshape(geom.groups, weight.shape[0] // geom.groups, *weight.shape[1:])
     else:
         stacked = phase_stack(weight, geom.groups, geom.stride)
-    if any(k > m for k, m in zip(stacked.shape[3:], sub)):
-        spec = transfer_matrices(stacked, sub).movedim((-2, -1), (1, 2))  # taps wrap around the grid
-    else:  # zero padding never wraps: rfftn pads the kernel itself (fewer ops per step)
-        spec = torch.fft.rfftn(stacked, s=sub, dim=tuple(range(3, stacked.dim())))
-    power = torch.view_as_real(spec).square().sum(-1)  # |A(f)_ij|^2, (groups, Cout_g, Cin_g*P, *freqs)
-    frob2 = power.sum((1, 2))
-    co, ci = spec.shape[1:3]
-    if min(co, ci) == 1:  # rows or columns (depthwise): the block norm is the Frobenius norm
-        return torch.sqrt(frob2.amax()) * factor
-    blocks = spec.movedim((1, 2), (-2, -1)).reshape(-1, co, ci)
-    a = blocks[_candidates(blocks, frob2.flatten())]
-    gram = a.mH @ a if ci <= co else a @ a.mH
-    return torch.linalg.eigvalsh(gram)[..., -1].amax().clamp_min(0).sqrt() * factor
-
-
-_SCREEN_ITERS = 6
+    return stacked, sub, factor
 
 
 @torch.no_grad()
-def _candidates(blocks: torch.Tensor, frob2: torch.Tensor) -> torch.Tensor:
-    """Indices of the blocks that can hold the largest singular value.
+def peak(geom: ConvGeometry, n: Sequence[int]) -> Peak:
+    """The block that attains the FFT bound, found over the whole spectrum without autograd."""
+    stacked, sub, factor = _stacked(geom, n)
+    group, freq = _argmax_block(stacked.detach(), sub)
+    return Peak(group, freq, factor)
 
-    A batched SVD of every per-frequency block (and its backward) dominates the step otherwise.
-    ||A||_F^2 >= ||A||_2^2 per block, and a few power steps give lower estimates; a block whose
-    Frobenius norm is below the best lower estimate cannot attain the max, so only the others go
-    through the (differentiable) SVD. Exact: the max over the candidates is the max over all.
+
+def block_norm(geom: ConvGeometry, n: Sequence[int], at: Peak) -> torch.Tensor:
+    """The 2-norm of one per-frequency block (times ||P||), differentiable in ``geom.weight``.
+
+    Computed by an explicit DFT of the kernel at that frequency only, so a training step never
+    runs a backward pass through the full FFT (the gradient of a max is that of its argmax).
     """
-    a = blocks.detach()
-    gram = a.mH @ a if a.shape[-1] <= a.shape[-2] else a @ a.mH
-    v = torch.ones(gram.shape[:-1] + (1,), dtype=gram.dtype, device=gram.device)
-    v[..., 0, :] += 0.5  # not orthogonal to the usual leading vectors of smooth kernels
-    for _ in range(_SCREEN_ITERS):
-        v = gram @ v
-        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(1e-30)
-    lower = (v.mH @ gram @ v).real.flatten()
-    best = float(lower.max()) * (1 - 1e-5)  # slack for the float round-off of both estimates
-    return torch.nonzero(frob2.detach() >= best).flatten()
+    stacked, sub, factor = _stacked(geom, n)
+    taps = [torch.arange(k, device=stacked.device, dtype=torch.float64) for k in stacked.shape[3:]]
+    phase = sum(  # -2 pi f.t / n on the kernel's taps (taps past the grid wrap: exp is periodic)
+        (-2 * math.pi * f / m) * t.reshape([-1 if i == j else 1 for j in range(len(sub))])
+        for i, (f, m, t) in enumerate(zip(at.freq, sub, taps))
+    )
+    e = torch.polar(torch.ones_like(phase), phase).to(_complex(stacked.dtype))
+    block = (stacked[at.group] * e).sum(dim=tuple(range(2, stacked.dim() - 1)))  # (Cout_g, Cin_g * P)
+    if min(block.shape) == 1:
+        return torch.linalg.vector_norm(block) * factor
+    gram = block.mH @ block if block.shape[1] <= block.shape[0] else block @ block.mH
+    return torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt() * factor
+
+
+def fft_bound(geom: ConvGeometry, n: Sequence[int]) -> torch.Tensor:
+    """max over frequencies of the per-frequency block norm (the circulant-embedding bound,
+    polyphase when strided), differentiable in ``geom.weight``."""
+    return block_norm(geom, n, peak(geom, n))
+
+
+@torch.no_grad()
+def tap_drift(change: torch.Tensor, groups: int) -> float:
+    """Upper bound on how much any per-frequency block norm can move when the kernel changes by
+    ``change``: max over groups of sum over taps of ||change_t||_F.
+
+    Each block is A(f) = sum_t W_t e^{-i f.t} (phases only regroup taps), so
+    ||dA(f)|| <= sum_t ||dW_t|| at every frequency, and the block norm moves by at most that.
+    """
+    c = change.detach().to(torch.float64)
+    per_tap = c.reshape(groups, c.shape[0] // groups, c.shape[1], -1).square().sum((1, 2)).sqrt()
+    return float(per_tap.sum(1).max())
+
+
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+@torch.no_grad()
+def _argmax_block(stacked: torch.Tensor, sub: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+    """(group, frequency index) of the per-frequency block with the largest 2-norm."""
+    if any(k > m for k, m in zip(stacked.shape[3:], sub)):
+        spec = transfer_matrices(stacked, sub).movedim((-2, -1), (1, 2))  # taps wrap around the grid
+    else:  # zero padding never wraps: rfftn pads the kernel itself
+        spec = torch.fft.rfftn(stacked, s=sub, dim=tuple(range(3, stacked.dim())))
+    frob2 = torch.view_as_real(spec).square().sum(-1).sum((1, 2))  # (groups, *freqs)
+    co, ci = spec.shape[1:3]
+    if min(co, ci) == 1:  # rows or columns: the block norm is the Frobenius norm
+        flat = int(frob2.argmax())
+    else:
+        # the smaller Gram matrix of every block; its top eigenvalue is the block's norm squared
+        blocks = spec.movedim((1, 2), (-2, -1)).reshape(-1, co, ci)
+        gram = blocks.mH @ blocks if ci <= co else blocks @ blocks.mH
+        flat = int(torch.linalg.eigvalsh(gram)[..., -1].argmax())
+    index = []
+    for size in reversed(frob2.shape):
+        index.append(flat % size)
+        flat //= size
+    group, *freq = reversed(index)
+    return group, tuple(freq)
