@@ -6,7 +6,8 @@ from .bake import bake
 from .convert import convert
 from .normalization import normalize, normalized_layers, set_constants
 from .norms import layer_bound
+from . import robust
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "normalize", "normalized_layers", "set_constants", "bake", "certificate", "Certificate", "layer_bound", "LipfxError", "ShapeError", "TraceError", "UnsupportedModuleError"]
+__all__ = ["convert", "normalize", "normalized_layers", "set_constants", "bake", "robust", "certificate", "Certificate", "layer_bound", "LipfxError", "ShapeError", "TraceError", "UnsupportedModuleError"]

@@ -205,12 +205,18 @@ class ConvNormalization(LipschitzNormalization):
         if ref is not None and ref[0].shape == weight.shape and ref[0].dtype == weight.dtype and ref[0].device == weight.device:
             drift = tap_drift(weight - ref[0], self.groups) * max(p.factor for _, p in ref[2])
             if drift <= self.refresh * ref[1]:
-                at_peak = torch.stack([block_norm(geom, n, p) for n, p in ref[2]]).amax()
-                return at_peak + (ref[1] + drift - at_peak.detach())
+                return self._with_gradient(geom, ref[2], ref[1] + drift)
         peaks = [(n, peak(geom, n)) for n in self.sizes]
-        value = torch.stack([block_norm(geom, n, p) for n, p in peaks]).amax()
-        self._ref = (weight.detach().clone(), float(value.detach()), peaks)
-        return value
+        bound = max(p.value for _, p in peaks)
+        self._ref = (weight.detach().clone(), bound, peaks)
+        return self._with_gradient(geom, peaks, bound)
+
+    @staticmethod
+    def _with_gradient(geom: ConvGeometry, peaks: list, bound: float) -> torch.Tensor:
+        """``bound`` as a tensor whose gradient is that of the current norm at the peak."""
+        n, at = max(peaks, key=lambda item: item[1].value)
+        grad = block_norm(geom, n, at)
+        return grad + (bound - grad.detach())
 
     def get_extra_state(self) -> dict:
         """The last full evaluation, so a reloaded model trains on exactly as the saved one
@@ -219,13 +225,13 @@ class ConvNormalization(LipschitzNormalization):
             return {}
         weight, bound, peaks = self._ref
         return {"weight": weight, "bound": bound,
-                "peaks": [(tuple(n), p.group, tuple(p.freq), p.factor) for n, p in peaks]}
+                "peaks": [(tuple(n), p.group, tuple(p.freq), p.factor, p.value) for n, p in peaks]}
 
     def set_extra_state(self, state: dict) -> None:
         if not state:
             self._ref = None
             return
-        peaks = [(tuple(n), Peak(int(g), tuple(f), float(fac))) for n, g, f, fac in state["peaks"]]
+        peaks = [(tuple(n), Peak(int(g), tuple(f), float(fac), float(v))) for n, g, f, fac, v in state["peaks"]]
         self._ref = (state["weight"], float(state["bound"]), peaks)
 
     def exact_bound(self, weight: torch.Tensor) -> float:

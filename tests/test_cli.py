@@ -71,6 +71,17 @@ def test_certify_json_matches_the_library(tmp_path):
     assert quiet.returncode == 0 and len(quiet.stdout.split()) == 1 and float(quiet.stdout) > 0
 
 
+def test_certify_with_K_normalizes_every_layer(tmp_path):
+    out = tmp_path / "cert.json"
+    res = _run("certify", "torchvision:squeezenet1_0", "--input-shape", "3,64,64", "--K", "0.5", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    import json
+
+    data = json.loads(out.read_text())
+    layers = [n for n in data["nodes"] if n["op"].startswith("Parametrized")]
+    assert layers and all(n["local"] <= 0.5 for n in layers)  # each normalized layer's certified norm
+
+
 def test_certify_names_the_culprits_of_an_infinite_bound():
     res = _run("certify", "torchvision:mobilenet_v3_small", "--input-shape", "3,32,32")
     assert res.returncode == 0, res.stderr
@@ -85,6 +96,8 @@ def test_certify_names_the_culprits_of_an_infinite_bound():
         (["certify", "torchvision:resnet18", "--input-shape", "0,3"], "bad input shape"),
         (["certify", "torchvision:resnet18", "--input-shape", "5,32,32"], "does not run"),
         (["certify", "torchvision:squeezenet1_0", "--input-shape", "3,64,64", "--json", "/no/such/dir/x.json"], "cannot write"),
+        (["certify", "torchvision:resnet18", "--K", "0"], "--K must be a positive"),
+        (["certify", "torchvision:resnet18", "--K", "-2"], "--K must be a positive"),
     ],
 )
 def test_certify_bad_input_is_one_line(args, message):

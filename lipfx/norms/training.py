@@ -26,6 +26,7 @@ class Peak(NamedTuple):
     group: int
     freq: tuple[int, ...]
     factor: float
+    value: float  # the bound itself: ||P|| * the block's 2-norm
 
 
 def _stacked(geom: ConvGeometry, n: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...], float]:
@@ -54,8 +55,8 @@ def _stacked(geom: ConvGeometry, n: Sequence[int]) -> tuple[torch.Tensor, tuple[
 def peak(geom: ConvGeometry, n: Sequence[int]) -> Peak:
     """The block that attains the FFT bound, found over the whole spectrum without autograd."""
     stacked, sub, factor = _stacked(geom, n)
-    group, freq = _argmax_block(stacked.detach(), sub)
-    return Peak(group, freq, factor)
+    group, freq, norm = _argmax_block(stacked.detach(), sub)
+    return Peak(group, freq, factor, norm * factor)
 
 
 def block_norm(geom: ConvGeometry, n: Sequence[int], at: Peak) -> torch.Tensor:
@@ -74,14 +75,29 @@ def block_norm(geom: ConvGeometry, n: Sequence[int], at: Peak) -> torch.Tensor:
     block = (stacked[at.group] * e).sum(dim=tuple(range(2, stacked.dim() - 1)))  # (Cout_g, Cin_g * P)
     if min(block.shape) == 1:
         return torch.linalg.vector_norm(block) * factor
-    gram = block.mH @ block if block.shape[1] <= block.shape[0] else block @ block.mH
-    return torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt() * factor
+    # The value only carries the gradient (callers add the exact bound as a constant), so a
+    # power iteration on the tiny Gram matrix is enough, and keeps LAPACK out of every step:
+    # its thread pool then competes with the convolutions' on small CPUs.
+    a = block.detach()
+    right = block.shape[1] <= block.shape[0]
+    gram = a.mH @ a if right else a @ a.mH
+    v = torch.ones(gram.shape[0], 1, dtype=gram.dtype, device=gram.device)
+    with torch.no_grad():
+        for _ in range(_GRAD_ITERS):
+            v = gram @ v
+            v = v / torch.linalg.vector_norm(v).clamp_min(1e-30)
+    return torch.linalg.vector_norm(block @ v if right else v.mH @ block) * factor
+
+
+_GRAD_ITERS = 30
 
 
 def fft_bound(geom: ConvGeometry, n: Sequence[int]) -> torch.Tensor:
     """max over frequencies of the per-frequency block norm (the circulant-embedding bound,
     polyphase when strided), differentiable in ``geom.weight``."""
-    return block_norm(geom, n, peak(geom, n))
+    at = peak(geom, n)
+    grad = block_norm(geom, n, at)
+    return grad + (at.value - grad.detach())
 
 
 @torch.no_grad()
@@ -102,8 +118,8 @@ def _complex(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.no_grad()
-def _argmax_block(stacked: torch.Tensor, sub: Sequence[int]) -> tuple[int, tuple[int, ...]]:
-    """(group, frequency index) of the per-frequency block with the largest 2-norm."""
+def _argmax_block(stacked: torch.Tensor, sub: Sequence[int]) -> tuple[int, tuple[int, ...], float]:
+    """(group, frequency index, 2-norm) of the per-frequency block with the largest 2-norm."""
     if any(k > m for k, m in zip(stacked.shape[3:], sub)):
         spec = transfer_matrices(stacked, sub).movedim((-2, -1), (1, 2))  # taps wrap around the grid
     else:  # zero padding never wraps: rfftn pads the kernel itself
@@ -111,15 +127,17 @@ def _argmax_block(stacked: torch.Tensor, sub: Sequence[int]) -> tuple[int, tuple
     frob2 = torch.view_as_real(spec).square().sum(-1).sum((1, 2))  # (groups, *freqs)
     co, ci = spec.shape[1:3]
     if min(co, ci) == 1:  # rows or columns: the block norm is the Frobenius norm
-        flat = int(frob2.argmax())
+        top = frob2.flatten()
     else:
         # the smaller Gram matrix of every block; its top eigenvalue is the block's norm squared
         blocks = spec.movedim((1, 2), (-2, -1)).reshape(-1, co, ci)
         gram = blocks.mH @ blocks if ci <= co else blocks @ blocks.mH
-        flat = int(torch.linalg.eigvalsh(gram)[..., -1].argmax())
+        top = torch.linalg.eigvalsh(gram)[..., -1]
+    flat = int(top.argmax())
+    norm = math.sqrt(max(float(top[flat]), 0.0))
     index = []
     for size in reversed(frob2.shape):
         index.append(flat % size)
         flat //= size
     group, *freq = reversed(index)
-    return group, tuple(freq)
+    return group, tuple(freq), norm
