@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -34,6 +34,7 @@ from .norms.estimators import grouped_power_iteration
 from .norms.geometry import ConvGeometry, conv_geometry
 from .norms.training import Peak, block_norm, peak, tap_drift
 from .passes.report import ConversionReport
+from .tracing import input_shapes
 
 KSpec = Union[float, Mapping[str, Optional[float]], Callable[[str, nn.Module], Optional[float]]]
 SCALINGS = ("hard", "soft")
@@ -89,8 +90,7 @@ class LipschitzNormalization(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training:
             bound = self.train_bound(weight).clamp_min(torch.finfo(weight.dtype).tiny)
-            scale = self.scale()
-            return weight * ((scale if scale.dtype == weight.dtype else scale.to(weight.dtype)) / bound)
+            return weight * (self.scale().to(weight.dtype) / bound)  # .to is free when dtypes match
         factor = self._eval_factor(weight)
         needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (self.s is not None and self.s.requires_grad))
         if needs_grad:
@@ -142,6 +142,7 @@ class MatrixNormalization(LipschitzNormalization):
         v = torch.randn(groups, cin_g, dtype=weight.dtype, device=weight.device)
         self.register_buffer("v", v / torch.linalg.vector_norm(v, dim=-1, keepdim=True))
         self.kind = f"power-iteration(eps={eps:g})"
+        self.prime(weight)
 
     def _matrices(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.reshape(self.groups, weight.shape[0] // self.groups, -1)
@@ -166,6 +167,14 @@ class MatrixNormalization(LipschitzNormalization):
         return math.sqrt(min(rows, cols))
 
 
+class _Reference(NamedTuple):
+    """A conv's last full FFT evaluation: the kernel then, its bound, and (size, peak) pairs."""
+
+    weight: torch.Tensor
+    bound: float
+    peaks: list
+
+
 class ConvNormalization(LipschitzNormalization):
     """Depthwise and other spatial convs: the FFT / polyphase bound at the input resolution(s).
 
@@ -185,8 +194,8 @@ class ConvNormalization(LipschitzNormalization):
             geom.check_input(n, name)
         self.kind = "fft@" + ",".join("x".join(map(str, n)) for n in self.sizes)
         self.refresh = refresh
-        # (weight, bound, peaks) at the last full evaluation; derived state, not in the state_dict
-        self._ref: Optional[tuple[torch.Tensor, float, list]] = None
+        # the last full evaluation; saved as the module's extra state (see get_extra_state)
+        self._ref: Optional[_Reference] = None
 
     def _geometry(self, weight: torch.Tensor) -> ConvGeometry:
         return ConvGeometry(weight, self.groups, self.stride, self.dilation, self.pads, self.padding_mode)
@@ -202,14 +211,13 @@ class ConvNormalization(LipschitzNormalization):
         """
         geom = self._geometry(weight)
         ref = self._ref
-        if ref is not None and ref[0].shape == weight.shape and ref[0].dtype == weight.dtype and ref[0].device == weight.device:
-            drift = tap_drift(weight - ref[0], self.groups) * max(p.factor for _, p in ref[2])
-            if drift <= self.refresh * ref[1]:
-                return self._with_gradient(geom, ref[2], ref[1] + drift)
+        if ref is not None and (ref.weight.shape, ref.weight.dtype, ref.weight.device) == (weight.shape, weight.dtype, weight.device):
+            drift = tap_drift(weight - ref.weight, self.groups) * max(p.factor for _, p in ref.peaks)
+            if drift <= self.refresh * ref.bound:
+                return self._with_gradient(geom, ref.peaks, ref.bound + drift)
         peaks = [(n, peak(geom, n)) for n in self.sizes]
-        bound = max(p.value for _, p in peaks)
-        self._ref = (weight.detach().clone(), bound, peaks)
-        return self._with_gradient(geom, peaks, bound)
+        self._ref = _Reference(weight.detach().clone(), max(p.value for _, p in peaks), peaks)
+        return self._with_gradient(geom, peaks, self._ref.bound)
 
     @staticmethod
     def _with_gradient(geom: ConvGeometry, peaks: list, bound: float) -> torch.Tensor:
@@ -223,16 +231,15 @@ class ConvNormalization(LipschitzNormalization):
         (plain types only: loads with ``torch.load(weights_only=True)``)."""
         if self._ref is None:
             return {}
-        weight, bound, peaks = self._ref
-        return {"weight": weight, "bound": bound,
-                "peaks": [(tuple(n), p.group, tuple(p.freq), p.factor, p.value) for n, p in peaks]}
+        return {"weight": self._ref.weight, "bound": self._ref.bound,
+                "peaks": [(tuple(n), p.group, tuple(p.freq), p.factor, p.value) for n, p in self._ref.peaks]}
 
     def set_extra_state(self, state: dict) -> None:
         if not state:
             self._ref = None
             return
         peaks = [(tuple(n), Peak(int(g), tuple(f), float(fac), float(v))) for n, g, f, fac, v in state["peaks"]]
-        self._ref = (state["weight"], float(state["bound"]), peaks)
+        self._ref = _Reference(state["weight"], float(state["bound"]), peaks)
 
     def exact_bound(self, weight: torch.Tensor) -> float:
         geom = self._geometry(weight)
@@ -316,22 +323,6 @@ def _separable_parent(name: str, modules: Mapping[str, nn.Module]) -> Optional[s
     return parent if isinstance(modules.get(parent), SeparableConv) else None
 
 
-def _input_sizes(gm: fx.GraphModule) -> dict[str, list[tuple[int, ...]]]:
-    """Every call_module target's input shapes (without batch dim), from ``tensor_meta``."""
-    sizes: dict[str, list[tuple[int, ...]]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        meta = node.args[0].meta.get("tensor_meta")
-        if meta is None or not hasattr(meta, "shape"):
-            continue
-        shape = tuple(int(s) for s in meta.shape[1:])
-        sizes.setdefault(str(node.target), [])
-        if shape not in sizes[str(node.target)]:
-            sizes[str(node.target)].append(shape)
-    return sizes
-
-
 def normalize(
     gm: fx.GraphModule,
     K: KSpec = 1.0,
@@ -358,7 +349,7 @@ def normalize(
         raise ValueError(f"unknown scaling {scaling!r}; choose from {SCALINGS}")
     if not 0 < eps < 1:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
-    sizes = _input_sizes(gm)
+    sizes = input_shapes(gm)
     modules = dict(gm.named_modules())
     for name, shapes in sizes.items():
         module = modules[name]
@@ -384,12 +375,8 @@ def _make(module: nn.Module, shapes: list[tuple[int, ...]], k: float, scaling: s
     if isinstance(module, ChannelAffine):
         return DiagonalNormalization(k, scaling, s_init, name)
     if isinstance(module, nn.Linear):
-        p = MatrixNormalization(module.weight, 1, k, scaling, s_init, eps, name=name)
-        p.prime(module.weight)
-        return p
+        return MatrixNormalization(module.weight, 1, k, scaling, s_init, eps, name=name)
     geom = conv_geometry(module, name)
     if geom.is_pointwise and all(lo == hi == 0 for lo, hi in geom.pads):
-        p = MatrixNormalization(module.weight, module.groups, k, scaling, s_init, eps, name=name)
-        p.prime(module.weight)
-        return p
+        return MatrixNormalization(module.weight, module.groups, k, scaling, s_init, eps, name=name)
     return ConvNormalization(module, [s[1:] for s in shapes], k, scaling, s_init, name)

@@ -21,6 +21,7 @@ from torch import nn
 
 from .certify import Certificate, certificate as make_certificate
 from .errors import LipfxError, ShapeError
+from .tracing import eval_mode
 
 METHODS = ("pairwise", "global")
 DEFAULT_EPS = (0.1, 0.25, 0.5, 36 / 255)
@@ -28,17 +29,17 @@ Data = Union[tuple[torch.Tensor, torch.Tensor], Iterable[Sequence[torch.Tensor]]
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        out = model(x)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ShapeError(f"certified radii need logits of shape (batch, classes >= 2), the model returned {shape}")
     return out.double()
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
 def _check_certificate(cert: Certificate, x: torch.Tensor) -> None:
@@ -63,13 +64,8 @@ def final_linear(model: nn.Module, cert: Certificate) -> Optional[tuple[torch.Te
         return None
     if not isinstance(module, nn.Linear):
         return None
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            weight = module.weight.detach().double().clone()
-    finally:
-        module.train(was)
+    with eval_mode(module), torch.no_grad():  # eval: the normalized weight, no power-iteration step
+        weight = module.weight.detach().double().clone()
     return weight, cert.record(last.inputs[0]).bound
 
 
@@ -101,28 +97,35 @@ def certified_radius(
 
     An infinite certificate gives radius 0 everywhere, with a warning naming the culprits.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    _check_method(method)
     cert = certificate if certificate is not None else make_certificate(model, x[:1])
     _check_certificate(cert, x)
-    logits = _logits(model, x)
+    return _radii(_logits(model, x), y, cert, _pair_constants(model, cert, method))
+
+
+def _pair_constants(model: nn.Module, cert: Certificate, method: str) -> Optional[torch.Tensor]:
+    finite = math.isfinite(cert.bound)
+    return pairwise_lipschitz(model, cert) if method == "pairwise" and finite else None
+
+
+def _radii(logits: torch.Tensor, y: Optional[torch.Tensor], cert: Certificate,
+           pair: Optional[torch.Tensor]) -> torch.Tensor:
+    """Radii from logits (see certified_radius); ``pair``: pairwise constants or None."""
     pred = logits.argmax(1)
     target = pred if y is None else y.to(pred.device).long()
-    zero = torch.zeros(len(x), dtype=torch.float64)
+    zero = torch.zeros(len(logits), dtype=torch.float64)
     if math.isinf(cert.bound) or math.isnan(cert.bound):
         culprits = "; ".join(c.reason for c in cert.unbounded) or "unknown"
-        warnings.warn(f"the certificate is infinite ({culprits}): every certified radius is 0", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"the certificate is infinite ({culprits}): every certified radius is 0", RuntimeWarning, stacklevel=3)
         return zero
     gaps = logits.gather(1, target[:, None]) - logits  # f_t - f_j, (B, C)
     others = torch.ones_like(gaps, dtype=torch.bool).scatter_(1, target[:, None], False)
     margin = gaps.masked_fill(~others, math.inf).amin(1)
     radius = (margin / (math.sqrt(2) * cert.bound)) if cert.bound > 0 else torch.where(margin > 0, math.inf, 0.0)
-    if method == "pairwise":
-        pair = pairwise_lipschitz(model, cert)
-        if pair is not None:
-            const = pair.to(gaps.device)[target]  # (B, C): constant of f_t - f_j
-            per_pair = torch.where(const > 0, gaps / const, torch.where(gaps > 0, math.inf, 0.0))
-            radius = torch.maximum(radius, per_pair.masked_fill(~others, math.inf).amin(1))
+    if pair is not None:
+        const = pair.to(gaps.device)[target]  # (B, C): constant of f_t - f_j
+        per_pair = torch.where(const > 0, gaps / const, torch.where(gaps > 0, math.inf, 0.0))
+        radius = torch.maximum(radius, per_pair.masked_fill(~others, math.inf).amin(1))
     radius = radius.clamp_min(0.0).cpu()
     if y is not None:
         radius = torch.where((pred == target).cpu(), radius, zero)
@@ -164,6 +167,7 @@ def certified_accuracy(
     The certificate is computed once, from the first batch's input shape. ``progress``: show
     a progress line on stderr (``None``: only on a terminal, once the run takes over 2 s).
     """
+    _check_method(method)
     eps = tuple(float(e) for e in eps)
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x_all, y_all = data
@@ -175,14 +179,16 @@ def certified_accuracy(
         batches, total = data, (len(data) if hasattr(data, "__len__") else None)
     show = _Progress(total, progress)
     radii, correct = [], []
-    cert = certificate
+    cert, pair = certificate, None
     for i, batch in enumerate(batches):
         x, y = batch[0], batch[1]
-        if cert is None:
-            cert = make_certificate(model, x[:1])
-        r = certified_radius(model, x, y, certificate=cert, method=method)
-        correct.append(_logits(model, x).argmax(1).cpu() == y.cpu())
-        radii.append(r)
+        if i == 0:  # one certificate and one set of pairwise constants for the whole run
+            cert = cert if cert is not None else make_certificate(model, x[:1])
+            pair = _pair_constants(model, cert, method)
+        _check_certificate(cert, x)
+        logits = _logits(model, x)
+        radii.append(_radii(logits, y, cert, pair))
+        correct.append(logits.argmax(1).cpu() == y.cpu())
         show.update(i + 1)
     show.close()
     if not radii:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence, Union
+import contextlib
+
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -57,13 +59,37 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, name)
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 @torch.no_grad()
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Inputs) -> None:
     """Record each node's output shape in ``node.meta['tensor_meta']`` (eval semantics, no grad)."""
-    was_training = gm.training
-    gm.eval()
-    try:
+    with eval_mode(gm):
         ShapeProp(gm).propagate(*as_tuple(example_inputs))
-    finally:
-        gm.train(was_training)
+
+
+def input_shapes(gm: fx.GraphModule) -> dict[str, list[tuple[int, ...]]]:
+    """Each called submodule's input shapes (one per distinct call, without the batch dim), from
+    the ``tensor_meta`` that :func:`propagate_shapes` records."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        meta = node.args[0].meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            continue
+        shape = tuple(int(s) for s in meta.shape[1:])
+        seen = shapes.setdefault(str(node.target), [])
+        if shape not in seen:
+            seen.append(shape)
+    return shapes
 

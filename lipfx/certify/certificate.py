@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import LipfxError
 from ..norms import METHODS
-from ..tracing import Inputs, as_tuple, trace
+from ..tracing import Inputs, as_tuple, eval_mode, trace
 from . import activations, rules
 from .linear_chains import LinearMap, add, compose, identity, module_map, sole_user
 from .dense import DENSE_MAX, linear_region, region_norm
@@ -353,9 +353,7 @@ def certificate(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         gm = model if isinstance(model, fx.GraphModule) else trace(model, leaf_modules)
         gm.eval()
         inputs = as_tuple(example_inputs)
@@ -368,8 +366,6 @@ def certificate(
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise LipfxError(f"the model does not run on the example inputs: {type(exc).__name__}: {first}") from exc
         return _walk(gm, observer, dependent, method, compose_linear, dense_max, inputs)
-    finally:
-        model.train(was_training)
 
 
 def _steps(modules, order, dependent, inputs, shapes, constants, method) -> tuple[dict, dict]:

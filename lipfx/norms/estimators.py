@@ -33,22 +33,11 @@ def power_iteration(
     The returned sigma is computed from ``matrix`` itself so gradients flow through it.
     """
     a = matrix.reshape(matrix.shape[0], -1)
-    with torch.no_grad():
-        ad = a.detach()
-        if v is None:
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            v = torch.randn(ad.shape[1], generator=gen, dtype=ad.dtype).to(ad.device)
-        v = _normalize(v.to(ad.dtype))
-        it = 0
-        for it in range(1, max_iter + 1):
-            w = ad.T @ (ad @ v)
-            sigma2 = torch.dot(v, w)
-            residual = torch.linalg.vector_norm(w - sigma2 * v)
-            v = _normalize(w)
-            if residual < eps:
-                break
-    sigma = torch.linalg.vector_norm(a @ v)
-    return PowerIterationResult(sigma, v, it)
+    if v is None:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(a.shape[1], generator=gen, dtype=a.dtype).to(a.device)
+    res = grouped_power_iteration(a.unsqueeze(0), v.unsqueeze(0), eps, max_iter, relative=False)
+    return PowerIterationResult(res.sigma[0], res.v[0], res.iterations)
 
 
 def operator_norm(
@@ -88,13 +77,15 @@ def grouped_power_iteration(
     v: torch.Tensor,
     eps: float = 0.01,
     max_iter: int = 100,
+    relative: bool = True,
 ) -> PowerIterationResult:
     """Warm-started power iteration on a batch of matrices (one per group of a grouped layer).
 
     ``matrices``: (G, m, n); ``v``: (G, n), the previous call's vectors. Iterates under no_grad
-    until every group's *relative* residual ||A^T A v - sigma^2 v|| / sigma^2 is below ``eps``
-    (the paper's rule, made scale-free so it means the same before and after normalization),
-    then returns sigma = ||A v|| per group with gradients flowing into ``matrices``.
+    until every group's residual ||A^T A v - sigma^2 v|| is below ``eps`` -- relative to sigma^2
+    by default (the paper's rule made scale-free, so it means the same before and after
+    normalization), absolute with ``relative=False`` (the paper's rule as written) -- then
+    returns sigma = ||A v|| per group with gradients flowing into ``matrices``.
     """
     with torch.no_grad():
         a = matrices.detach()
@@ -106,7 +97,8 @@ def grouped_power_iteration(
             residual = torch.linalg.vector_norm(w - sigma2 * v, dim=-1)
             # a zero group (all-zero weights) keeps its vector instead of collapsing to 0
             v = torch.where(torch.linalg.vector_norm(w, dim=-1, keepdim=True) > 0, _normalize_rows(w), v)
-            if bool((residual <= eps * sigma2.squeeze(-1).abs()).all()):
+            done = residual <= eps * sigma2.squeeze(-1).abs() if relative else residual < eps
+            if bool(done.all()):
                 break
     sigma = torch.linalg.vector_norm((matrices @ v.unsqueeze(-1)).squeeze(-1), dim=-1)
     return PowerIterationResult(sigma, v, it)

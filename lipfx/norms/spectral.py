@@ -34,6 +34,8 @@ def phase_stack(weight: torch.Tensor, groups: int, stride: Sequence[int]) -> tor
     """
     cout, cin_g = weight.shape[:2]
     ke = weight.shape[2:]
+    if all(s == 1 for s in stride):  # one phase: a view, no copies (training calls this every step)
+        return weight.reshape(groups, cout // groups, cin_g, *ke)
     kq = [math.ceil(k / s) for k, s in zip(ke, stride)]
     phases = []
     for q in itertools.product(*(range(s) for s in stride)):

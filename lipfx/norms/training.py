@@ -43,12 +43,7 @@ def _stacked(geom: ConvGeometry, n: Sequence[int]) -> tuple[torch.Tensor, tuple[
                             tuple((0, 0) for _ in geom.pads), "zeros")
     grid = zero_padded_grid(geom, n)
     sub = tuple(m // s for m, s in zip(grid, geom.stride))
-    weight = geom.dilated_weight()
-    if all(s == 1 for s in geom.stride):
-        stacked = weight.reshape(geom.groups, weight.shape[0] // geom.groups, *weight.shape[1:])
-    else:
-        stacked = phase_stack(weight, geom.groups, geom.stride)
-    return stacked, sub, factor
+    return phase_stack(geom.dilated_weight(), geom.groups, geom.stride), sub, factor
 
 
 @torch.no_grad()
@@ -133,11 +128,6 @@ def _argmax_block(stacked: torch.Tensor, sub: Sequence[int]) -> tuple[int, tuple
         blocks = spec.movedim((1, 2), (-2, -1)).reshape(-1, co, ci)
         gram = blocks.mH @ blocks if ci <= co else blocks @ blocks.mH
         top = torch.linalg.eigvalsh(gram)[..., -1]
-    flat = int(top.argmax())
-    norm = math.sqrt(max(float(top[flat]), 0.0))
-    index = []
-    for size in reversed(frob2.shape):
-        index.append(flat % size)
-        flat //= size
-    group, *freq = reversed(index)
-    return group, tuple(freq), norm
+    flat = top.argmax()
+    group, *freq = (int(i) for i in torch.unravel_index(flat, frob2.shape))
+    return group, tuple(freq), math.sqrt(max(float(top[flat]), 0.0))
