@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 import lipfx
+from lipfx.tracing import input_shapes
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -56,20 +57,6 @@ class FullOperatorPower(nn.Module):
         return weight / sigma
 
 
-def layer_inputs(net: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = []
-    for name, m in net.named_modules():
-        if isinstance(m, CONVS + (nn.Linear,)):
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, args, n=name: shapes.setdefault(n, tuple(args[0].shape[1:])) and None))
-    with torch.no_grad():
-        net(x[:1])
-    for h in hooks:
-        h.remove()
-    return shapes
-
-
 def variants(model: nn.Module, x: torch.Tensor, bn: str) -> dict[str, nn.Module]:
     plain = lipfx.convert(model, x[:1], normalize=False, bn=bn)
     out = {"plain": plain, "lipfx": lipfx.convert(model, x[:1], K=1.0, bn=bn)}
@@ -79,21 +66,26 @@ def variants(model: nn.Module, x: torch.Tensor, bn: str) -> dict[str, nn.Module]
             spectral_norm(m)
     out["torch-sn"] = sn
     full = lipfx.convert(model, x[:1], normalize=False, bn=bn)
-    shapes = layer_inputs(full, x)
+    shapes = input_shapes(full)  # recorded by convert at the example input
     for name, m in list(full.named_modules()):
-        if name in shapes:
-            parametrize.register_parametrization(m, "weight", FullOperatorPower(m, shapes[name]))
+        if name in shapes and isinstance(m, CONVS + (nn.Linear,)):
+            parametrize.register_parametrization(m, "weight", FullOperatorPower(m, shapes[name][0]))
     out["full-power"] = full
     return out
 
 
 def state_bytes(net: nn.Module) -> int:
+    """Buffers, extra parameters and extra state (lipfx: the kernels at the last full FFT
+    evaluation) that the normalization keeps beside the weights."""
     total = 0
     for m in net.modules():
         if parametrize.is_parametrized(m):
             for plist in m.parametrizations.values():
                 total += sum(b.numel() * b.element_size() for b in plist.buffers())
                 total += sum(p.numel() * p.element_size() for p in plist.parameters() if p is not plist.original)
+                for p in plist:
+                    extra = p.get_extra_state() if isinstance(p, lipfx.normalization.ConvNormalization) else {}
+                    total += sum(t.numel() * t.element_size() for t in extra.values() if isinstance(t, torch.Tensor))
     return total
 
 
