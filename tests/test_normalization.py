@@ -142,6 +142,7 @@ def test_drift_bound_between_full_evaluations_stays_sound_and_tight():
     """Training reuses the last full FFT evaluation plus the kernel's tap drift: it must never
     fall below the bound recomputed from scratch, and stay within `refresh` of it."""
     from lipfx.norms.training import fft_bound
+    from reference import dense_matrix
 
     torch.manual_seed(0)
     for conv, size in [(nn.Conv2d(4, 12, 3, stride=2, padding=1, groups=4), (15, 15)),
@@ -159,6 +160,10 @@ def test_drift_bound_between_full_evaluations_stays_sound_and_tight():
             full += p._ref is not before
             exact = float(fft_bound(p._geometry(w.detach()), size))
             assert exact * (1 - 1e-6) <= got <= exact * (1 + p.refresh) * (1 + 1e-6), (step, got, exact)
+            # and against the layer's true norm (dense SVD of its operator, float64)
+            with torch.no_grad():
+                op = dense_matrix(lambda x: m._conv_forward(x, w.double(), None), (conv.in_channels, *size))
+            assert float(torch.linalg.matrix_norm(op, ord=2)) <= got * (1 + 1e-6), step
         assert 2 <= full < 30  # the big steps force a full evaluation, the small ones do not
 
 
