@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from .errors import LipfxError
 from .layers import ChannelAffine, SeparableConv
 
-_LIPFX_ATTRS = ("lipfx_report", "lipfx_certificate")
+LIPFX_ATTRS = ("lipfx_report", "lipfx_certificate")
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def bake(net: nn.Module) -> nn.Module:
     for module in list(out.modules()):
         if parametrize.is_parametrized(module):
             _unparametrize(module)
-    for attr in _LIPFX_ATTRS:
+    for attr in LIPFX_ATTRS:
         if hasattr(out, attr):
             delattr(out, attr)
     if isinstance(out, fx.GraphModule):

@@ -1,12 +1,17 @@
-"""The ``lipfx`` command line: ``lipfx certify`` (whole-network certificate) and ``lipfx bounds``
-(per-layer norm bounds)."""
+"""The ``lipfx`` command line: ``lipfx certify`` (whole-network certificate), ``lipfx convert``
+(convert, normalize and save) and ``lipfx bounds`` (per-layer norm bounds)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import math
+import os
+import pickle
 import sys
-from typing import Optional, Sequence
+import time
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -16,16 +21,38 @@ from .certify import Certificate, certificate
 from .convert import convert
 from .errors import LipfxError
 from .norms import layer_bound
+from .bake import bake
+from .normalization import normalized_layers
+from .saving import load, save
+from .tracing import eval_mode
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
-def load_model(spec: str) -> nn.Module:
-    """``torchvision:NAME`` (random init) or ``package.module:factory``."""
-    if ":" not in spec:
-        raise CliError(f"model {spec!r}: expected 'torchvision:NAME' or 'package.module:factory'")
+MODEL_HELP = "torchvision:NAME, package.module:factory, or a saved model file (.pt)"
+
+
+def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
+    """``torchvision:NAME`` (random init), ``package.module:factory``, or a file written by
+    ``lipfx convert`` / ``lipfx.save`` / ``torch.save(model)``; then ``weights`` (a state_dict
+    file) loaded into it, if given."""
+    if os.path.exists(spec) or spec.endswith(_MODEL_SUFFIXES):
+        model = _read_model_file(spec)
+    elif ":" not in spec:
+        raise CliError(f"model {spec!r}: expected 'torchvision:NAME', 'package.module:factory' or a .pt file")
+    else:
+        model = _build(spec)
+    if weights is not None:
+        _load_weights(model, weights)
+    return model
+
+
+_MODEL_SUFFIXES = (".pt", ".pth", ".pkl")
+
+
+def _build(spec: str) -> nn.Module:
     source, name = spec.split(":", 1)
     if source == "torchvision":
         try:
@@ -40,7 +67,57 @@ def load_model(spec: str) -> nn.Module:
         factory = getattr(importlib.import_module(source), name)
     except (ImportError, AttributeError) as exc:
         raise CliError(f"cannot import {spec!r}: {exc}") from exc
-    return factory()
+    try:
+        model = factory()
+    except Exception as exc:
+        raise CliError(f"{spec}() failed: {_first_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise CliError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _read_model_file(path: str) -> nn.Module:
+    if not os.path.isfile(path):
+        raise CliError(f"no such model file: {path}")
+    try:
+        return load(path, map_location="cpu")
+    except LipfxError as exc:
+        raise CliError(str(exc)) from None
+    except Exception as exc:  # torch.load's errors for damaged files vary (zip, pickle, EOF)
+        raise CliError(f"cannot read model file {path}: {_first_line(exc)}") from None
+
+
+def _load_weights(model: nn.Module, path: str) -> None:
+    if not os.path.isfile(path):
+        raise CliError(f"no such weights file: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
+        raise CliError(f"cannot read weights file {path}: not a state_dict of tensors (a saved whole "
+                       "model is given as MODEL instead)") from None
+    except Exception as exc:
+        raise CliError(f"cannot read weights file {path}: {_first_line(exc)}") from None
+    if isinstance(state, dict):  # common checkpoint layouts nest the state_dict
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CliError(f"weights file {path} holds no state_dict of tensors")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise CliError(f"weights {path} do not fit the model: {detail[0] if detail else _first_line(exc)}") from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = [f"{len(keys)} {what} (e.g. {keys[0]!r})" for what, keys in
+                 (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+        raise CliError(f"weights {path} do not fit the model: {', '.join(parts)} keys")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -66,24 +143,75 @@ def layer_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[s
     bounded = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, bounded)]
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *input_shape))
-    except Exception as exc:
-        raise CliError(f"the model does not run on inputs of shape {input_shape}: {exc}") from None
+        check_runs(model, torch.zeros(1, *input_shape))
     finally:
         for h in hooks:
             h.remove()
     return shapes
 
 
+def check_runs(model: nn.Module, x: torch.Tensor) -> None:
+    """One eval-mode forward, so a wrong input shape is one clear error before any real work."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    except Exception as exc:
+        shape = tuple(x.shape[1:])
+        raise CliError(f"the model does not run on inputs of shape {shape}: {_first_line(exc)}") from None
+
+
+def _positive(value: Optional[float], flag: str) -> None:
+    if value is not None and not (0 < value < math.inf):
+        raise CliError(f"{flag} must be a positive finite number, got {value:g}")
+
+
+@contextlib.contextmanager
+def _step(args: argparse.Namespace, text: str) -> Iterator[None]:
+    """Progress on stderr: ``text ... 1.2 s`` once the step is done (silent with --quiet)."""
+    _say(args, f"{text} ...", end="")
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        _say(args, "")  # the error message starts on its own line
+        raise
+    _say(args, f" {time.perf_counter() - start:.1f} s")
+
+
+def _say(args: argparse.Namespace, text: str, end: str = "\n") -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, end=end, flush=True)
+
+
+def _load(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ...], torch.Tensor]:
+    """The model (random init under --seed, or --weights), the input shape and one input."""
+    torch.manual_seed(args.seed)
+    shape = parse_shape(args.input_shape)
+    with _step(args, f"loading {args.model}"):
+        model = load_model(args.model, args.weights).eval()
+    x = torch.randn(1, *shape)
+    check_runs(model, x)
+    return model, shape, x
+
+
+def _convert(model: nn.Module, x: torch.Tensor, args: argparse.Namespace, *, normalize: bool,
+             K: Optional[float], lipschitz: Optional[float] = None, scaling: str = "hard") -> nn.Module:
+    what = f"bn={args.bn}, separable={args.separable}"
+    what += f", K={K:g}" if normalize and K is not None else ""
+    what += f", lipschitz={lipschitz:g}" if lipschitz is not None else ""
+    with _step(args, f"converting {args.model} ({what})"):
+        return convert(model, x, bn=None if args.bn == "keep" else args.bn,
+                       separable=None if args.separable == "none" else args.separable,
+                       normalize=normalize, K=K if K is not None else 1.0, scaling=scaling, lipschitz=lipschitz)
+
+
 def _bounds(args: argparse.Namespace) -> None:
-    torch.manual_seed(args.seed)  # random init is reproducible
-    model = load_model(args.model)
-    shapes = layer_input_shapes(model, parse_shape(args.input_shape))
+    model, shape, _ = _load(args)
+    shapes = layer_input_shapes(model, shape)
     modules = dict(model.named_modules())
     print(f"{'layer':<32} {'input':>14} {'bound':>10}")
-    for name, shape in shapes.items():
-        print(f"{name:<32} {'x'.join(map(str, shape)):>14} {layer_bound(modules[name], shape, name=name):10.4f}")
+    for name, s in shapes.items():
+        print(f"{name:<32} {'x'.join(map(str, s)):>14} {layer_bound(modules[name], s, name=name):10.4f}")
 
 
 def _group_key(target: str) -> str:
@@ -112,26 +240,14 @@ def group_rows(cert: Certificate) -> list[tuple[str, int, float, float]]:
 
 
 def _certify(args: argparse.Namespace) -> None:
-    torch.manual_seed(args.seed)
-    model = load_model(args.model).eval()
-    shape = parse_shape(args.input_shape)
-    x = torch.randn(1, *shape)
-    if args.K is not None and not 0 < args.K < float("inf"):
-        raise CliError(f"--K must be a positive finite number, got {args.K}")
+    _positive(args.K, "--K")
+    model, shape, x = _load(args)
     if args.convert or args.K is not None:
-        norm = f", K={args.K:g}" if args.K is not None else ""
-        _say(args, f"converting {args.model} (bn={args.bn}, separable={args.separable}{norm}) ...")
-        model = convert(model, x, bn=None if args.bn == "keep" else args.bn,
-                        separable=None if args.separable == "none" else args.separable,
-                        normalize=args.K is not None, K=args.K if args.K is not None else 1.0)
-    _say(args, f"certifying {args.model} at input shape {'x'.join(map(str, shape))} ...")
-    cert = certificate(model, x)
+        model = _convert(model, x, args, normalize=args.K is not None, K=args.K)
+    with _step(args, f"certifying {args.model} at input shape {'x'.join(map(str, shape))}"):
+        cert = certificate(model, x)
     if args.json:
-        try:
-            with open(args.json, "w") as f:
-                f.write(cert.to_json(indent=1))
-        except OSError as exc:
-            raise CliError(f"cannot write {args.json}: {exc.strerror}") from None
+        _write(args.json, cert.to_json(indent=1))
     if args.quiet:
         print(f"{cert.bound:.6g}")
         return
@@ -152,9 +268,54 @@ def _certify(args: argparse.Namespace) -> None:
         print(f"critical path ({len(path)} nodes): {' -> '.join(path[:12])}{' -> ...' if len(path) > 12 else ''}")
 
 
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not args.quiet:
-        print(text, file=sys.stderr, flush=True)
+def _convert_command(args: argparse.Namespace) -> None:
+    _positive(args.K, "--K")
+    _positive(args.lipschitz, "--lipschitz")
+    normalize = not args.no_normalize
+    if not normalize and args.K is not None:
+        raise CliError("--K sets the constants of the normalization: drop --no-normalize or --K")
+    model, shape, x = _load(args)
+    net = _convert(model, x, args, normalize=normalize, K=args.K, lipschitz=args.lipschitz, scaling=args.scaling)
+    layers = len(list(normalized_layers(net)))
+    if args.bake:
+        with _step(args, "baking (plain torch modules, loads without lipfx)"):
+            net = bake(net)
+    with _step(args, f"certifying at input shape {'x'.join(map(str, shape))}"):
+        bound = certificate(net, x).bound
+    try:
+        save(net, args.output)
+    except Exception as exc:  # OSError, or torch's RuntimeError for a missing parent directory
+        raise CliError(f"cannot write {args.output}: {getattr(exc, 'strerror', None) or _first_line(exc)}") from None
+    size = os.path.getsize(args.output)
+    if args.quiet:
+        print(f"{bound:.6g}")
+        return
+    kind = "baked (plain torch)" if args.bake else (f"{layers} layers normalized" if normalize else "not normalized")
+    print(f"wrote {args.output} ({size / 2**20:.1f} MiB): {kind}; Lipschitz bound {bound:.6g} at {'x'.join(map(str, shape))}")
+    print(f"load it with lipfx.load({args.output!r}); certify it with: "
+          f"lipfx certify {args.output} --input-shape {args.input_shape}")
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--input-shape", default="3,224,224", help="one input without batch dim, e.g. 3,224,224")
+    p.add_argument("--weights", metavar="FILE", help="a state_dict file to load into the model")
+    p.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
+    p.add_argument("--quiet", action="store_true", help="no progress; print only the bound")
+
+
+def _conversion(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bn", choices=["fold", "remove", "keep"], default="fold", help="BatchNorm (with conversion)")
+    p.add_argument("--separable", choices=["exact", "fresh", "none"], default="exact",
+                   help="depthwise-separable rewrite (with conversion)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -162,20 +323,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--version", action="version", version=f"lipfx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("certify", help="sound Lipschitz bound of the whole network (lipfx.certificate)")
-    c.add_argument("model", help="torchvision:NAME or package.module:factory")
-    c.add_argument("--input-shape", default="3,224,224", help="one input without batch dim, e.g. 3,224,224")
+    _common(c)
     c.add_argument("--convert", action="store_true", help="run lipfx.convert first (exact rewrite)")
     c.add_argument("--K", type=float, help="convert and normalize every layer to norm K (implies --convert)")
-    c.add_argument("--bn", choices=["fold", "remove", "keep"], default="fold", help="with --convert")
-    c.add_argument("--separable", choices=["exact", "fresh", "none"], default="exact", help="with --convert")
+    _conversion(c)
     c.add_argument("--json", metavar="FILE", help="also write the certificate as JSON")
-    c.add_argument("--quiet", action="store_true", help="print only the bound")
-    c.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
     c.set_defaults(run=_certify)
+    v = sub.add_parser("convert", help="convert (and normalize) a model and save it (lipfx.convert, lipfx.save)")
+    _common(v)
+    v.add_argument("-o", "--output", required=True, metavar="OUT.pt", help="where to save the converted model")
+    v.add_argument("--K", type=float, help="per-layer constant K (default 1)")
+    v.add_argument("--lipschitz", type=float, metavar="L", help="global budget: scale all K so the network is <= L")
+    v.add_argument("--scaling", choices=["hard", "soft"], default="hard", help="K, or K*tanh(s) with learnable s")
+    v.add_argument("--no-normalize", action="store_true", help="the plain rewrite, without normalization")
+    v.add_argument("--bake", action="store_true", help="save plain torch modules (loads without lipfx)")
+    _conversion(v)
+    v.set_defaults(run=_convert_command)
     p = sub.add_parser("bounds", help="sound operator-norm bound of every conv and linear layer")
-    p.add_argument("model", help="torchvision:NAME or package.module:factory")
-    p.add_argument("--input-shape", default="3,224,224", help="one input without batch dim, e.g. 3,224,224")
-    p.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
+    _common(p)
     p.set_defaults(run=_bounds)
     args = parser.parse_args(argv)
     try:
@@ -183,6 +348,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CliError, LipfxError) as exc:
         print(f"lipfx: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug or an unforeseen input: still one line (LIPFX_DEBUG=1 re-raises)
+        if os.environ.get("LIPFX_DEBUG"):
+            raise
+        print(f"lipfx: error: {_first_line(exc)} (set LIPFX_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -119,13 +119,18 @@ class LipschitzNormalization(nn.Module):
             self._cache_key = key
         return self._cache_factor
 
+    def clear_cache(self) -> None:
+        """Forget the eval-mode factor and weight (recomputed on the next eval forward)."""
+        self._cache_key = self._cache_weight = self._cache_weight_key = None
+        self._cache_factor = 0.0
+
     def constant(self) -> float:
         """The current per-layer constant (K, or K * tanh(s))."""
-        return float(self.scale())
+        return float(self.scale().detach())
 
     def extra_repr(self) -> str:
         k = f"K={float(self.K):.6g}"
-        scale = "hard" if self.s is None else f"soft K*tanh(s), s={float(self.s):.4g}"
+        scale = "hard" if self.s is None else f"soft K*tanh(s), s={float(self.s.detach()):.4g}"
         return f"{k}, {scale}, bound={self.kind}"
 
 

@@ -10,6 +10,7 @@ Jacobian of the region, evaluated in float64, whose certified spectral norm boun
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -81,5 +82,12 @@ def region_norm(
 
     x0 = torch.zeros(source_shape, dtype=torch.float64)
     out_numel = numel(run(x0).shape)
-    jac = torch.func.jacfwd(run)(x0) if numel(source_shape) < out_numel else torch.func.jacrev(run)(x0)
+    if numel(source_shape) < out_numel:
+        with warnings.catch_warnings():
+            # torch's first forward-mode call scripts its jvp decompositions, which warns that
+            # torch.jit.script is deprecated: torch-internal noise, not the user's concern
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            jac = torch.func.jacfwd(run)(x0)
+    else:
+        jac = torch.func.jacrev(run)(x0)
     return matrix_norm(jac.reshape(out_numel, numel(source_shape)))
