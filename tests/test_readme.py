@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,14 +23,31 @@ def test_ci_runs_the_readme_test_command():
     assert 'pip install -e ".[test,plot]"' in setup
 
 
-def test_readme_main_job_runs():
+def _numbers(line: str) -> tuple[list[str], list[float]]:
+    words, values = [], []
+    for token in line.split():
+        try:
+            values.append(float(token))
+        except ValueError:
+            words.append(token)
+    return words, values
+
+
+def test_readme_main_job_runs_and_prints_what_the_readme_shows():
     setup = _blocks("bash")[0].strip()
     job = setup.split("&&")[-1].strip()  # the part after the install
-    assert job.startswith("python ")
-    result = subprocess.run([sys.executable] + job.split()[1:], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+    assert job.startswith("lipfx certify torchvision:")
+    result = subprocess.run([sys.executable, "-m", "lipfx.cli"] + job.split()[1:], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert "layers bounded" in result.stdout
+    shown = _blocks("text")[0].strip().splitlines()
+    shown = [line for line in shown if not line.endswith(" s")]  # progress lines carry timings
+    printed = result.stdout.strip().splitlines()
+    assert len(printed) == len(shown)
+    for got, want in zip(printed, shown):
+        (got_words, got_values), (want_words, want_values) = _numbers(got), _numbers(want)
+        assert got_words == want_words, (got, want)
+        assert got_values == pytest.approx(want_values, rel=2e-3), (got, want)  # the table rounds to 4 digits
 
 
 def test_readme_python_examples_run():
@@ -37,10 +56,10 @@ def test_readme_python_examples_run():
 
 
 def test_readme_cli_examples_run(tmp_path):
-    commands = [b.strip() for b in _blocks("bash") if b.strip().startswith("lipfx ")]
-    assert commands
-    for cmd in commands:
+    commands = [line.strip() for b in _blocks("bash") for line in b.strip().splitlines() if line.startswith("lipfx ")]
+    assert len(commands) >= 2
+    for cmd in commands:  # in order, in one directory: later commands read what earlier ones wrote
         result = subprocess.run([sys.executable, "-m", "lipfx.cli"] + cmd.split()[1:], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 0, (cmd, result.stderr)
         assert "Lipschitz bound" in result.stdout
