@@ -98,10 +98,11 @@ def fit_constants(
     certificate of the result (composition can only make it smaller).
     """
     _check_budget(lipschitz)
+    # an infinite certificate first: its culprits say more than "no normalized layers" would
+    plain = _finite(certificate(gm, example_inputs, method=method, compose_linear=False, dense_max=0))
     layers = {name: p for name, _, p in normalized_layers(gm)}
     if not layers:
         raise LipfxError("no normalized layers to fit a budget with (all K were None?)")
-    plain = _finite(certificate(gm, example_inputs, method=method, compose_linear=False, dense_max=0))
     local = layer_norms(gm, plain, layers)
     for name in layers:
         if local.get(name, 0.0) <= 0:

@@ -71,6 +71,10 @@ def convert(
     if bn not in BN_MODES + (None,):
         raise ValueError(f"unknown bn mode {bn!r}; choose from {BN_MODES} or None")
     work = copy.deepcopy(model)
+    if _is_torch_layer(work):
+        # fx traces a root module through its forward (a bare Conv2d becomes F.conv2d on a
+        # get_attr weight, which no pass or rule handles): keep the layer a called module
+        work = nn.Sequential(work)
     gm = trace(work, leaf_modules)
     report = ConversionReport()
     if bn == "fold":
@@ -90,3 +94,8 @@ def convert(
     gm.train(model.training)
     gm.lipfx_report = report
     return gm
+
+
+def _is_torch_layer(model: nn.Module) -> bool:
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    return type(model).__module__.startswith("torch.nn.modules") and not isinstance(model, containers)
