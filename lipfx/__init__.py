@@ -7,8 +7,8 @@ from .convert import convert
 from .normalization import normalize, normalized_layers, set_constants
 from .norms import layer_bound
 from .saving import load, save
-from . import robust
+from . import invertible, robust
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "normalize", "normalized_layers", "set_constants", "bake", "save", "load", "robust", "certificate", "Certificate", "layer_bound", "LipfxError", "ShapeError", "TraceError", "UnsupportedModuleError"]
+__all__ = ["convert", "normalize", "normalized_layers", "set_constants", "bake", "save", "load", "robust", "invertible", "certificate", "Certificate", "layer_bound", "LipfxError", "ShapeError", "TraceError", "UnsupportedModuleError"]

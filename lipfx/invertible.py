@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from .bake import bake
-from .certify import certificate
+from .certify import Step, certificate, register_module_rule
 from .convert import convert
 from .errors import LipfxError, ShapeError
 from .tracing import Inputs, as_tuple, eval_mode, propagate_shapes
@@ -86,7 +86,8 @@ class InvertibleResidual(nn.Module):
 
     # -- the map ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
+        if not isinstance(x, fx.Proxy):  # traced by lipfx.certificate: the graph sees x + g(x)
+            self._check(x)
         return x + self.branch(x)
 
     def _check(self, x: torch.Tensor) -> None:
@@ -133,20 +134,22 @@ class InvertibleResidual(nn.Module):
     # -- inverse ------------------------------------------------------------------------------
     @torch.no_grad()
     def inverse(self, y: torch.Tensor, tol: float = 1e-6, max_iter: Optional[int] = None, *,
-                return_info: bool = False, strict: bool = False):
+                dtype: Optional[torch.dtype] = None, return_info: bool = False, strict: bool = False):
         """The x with ``x + g(x) = y``, by the fixed-point iteration ``x <- y - g(x)``, for the
         eval-mode block (the certified map; a block in training mode warns).
 
-        ``tol`` bounds ||x - x*|| per sample (l2 norm over all non-batch dims). Banach's a-priori
-        bound c^k/(1-c) ||x_1 - x_0|| gives the iterations needed for tol/2 (the default
-        ``max_iter``; the other half is left for round-off); each sample stops when its
-        a-posteriori bound (c ||x_k - x_{k-1}|| + rho) / (1 - c) is <= tol, rho being the
-        round-off of one step measured against a float64 evaluation. The returned bound is then
-        certified from the float64 residual: ||x - x*|| <= ||x + g(x) - y|| / (1 - c).
+        ``tol`` bounds ||x - x*|| per sample (l2 norm over all non-batch dims), x* the exact
+        preimage of ``y``. Banach's a-priori bound c^k/(1-c) ||x_1 - x_0|| gives the iterations
+        needed for tol/2 (the default ``max_iter``; the other half is left for round-off); each
+        sample stops when its a-posteriori bound (c ||x_k - x_{k-1}|| + rho) / (1 - c) is <= tol,
+        rho being the round-off of one step measured against a float64 evaluation. The returned
+        bound is then certified from the float64 residual: ||x - x*|| <= ||x + g(x) - y|| / (1 - c).
 
-        Returns x, or an :class:`InverseResult` with ``return_info=True``. When a sample misses
-        ``tol`` (float32 round-off alone is ~1e-7 ||y|| / (1 - c)), warns, or raises LipfxError
-        with ``strict=True``.
+        ``dtype=torch.float64`` iterates in float64 on a float64 copy of the branch with the
+        same (eval-mode) weights, and returns float64: for tolerances below the input dtype's
+        round-off (float32 alone is ~1e-7 ||y|| / (1 - c)). Returns x, or an
+        :class:`InverseResult` with ``return_info=True``. When a sample misses ``tol``, warns, or
+        raises LipfxError with ``strict=True``.
         """
         self._check(y)
         if self.training:
@@ -159,11 +162,18 @@ class InvertibleResidual(nn.Module):
             raise ValueError("inverse of a non-finite input")
         c = self.contraction()
         reference = self._cached[1]
-        g = self.branch
+        work = y.dtype if dtype is None else dtype
+        if work == _dtype(self.branch):
+            g = self.branch
+        elif work == torch.float64:
+            g = reference
+        else:
+            raise ValueError(f"inverse in {work}: the branch is {_dtype(self.branch)}; use that or torch.float64")
+        y = y.to(work)
         with eval_mode(g):
             x = y - g(y)
             y64 = y.double()
-            rho = _norm(x.double() - (y64 - reference(y64))) * 2 + _norm(y64) * torch.finfo(y.dtype).eps
+            rho = _norm(x.double() - (y64 - reference(y64))) * 2 + _norm(y64) * torch.finfo(work).eps
             step = _norm(x - y)
             apriori = _apriori(step, c, tol / 2)
             limit = int(apriori.max()) if max_iter is None else int(max_iter)
@@ -272,6 +282,8 @@ class Squeeze(nn.Module):
     """Space-to-depth: (N, C, s1, ..., sd) -> (N, C f^d, s1/f, ..., sd/f). A permutation of the
     entries: norm 1, logdet 0, exact inverse (:class:`torch.nn.PixelUnshuffle` order in 2-D)."""
 
+    _lipfx_leaf = True  # its reshapes depend on the input shape: a leaf with its own rule
+
     def __init__(self, factor: int = 2) -> None:
         super().__init__()
         if factor < 1:
@@ -289,7 +301,8 @@ class Squeeze(nn.Module):
         return x.reshape(split).permute(order).reshape(n, c * f ** d, *(s // f for s in sizes))
 
     def inverse(self, y: torch.Tensor, tol: float = 0.0, max_iter: Optional[int] = None, *,
-                return_info: bool = False, strict: bool = False):
+                dtype: Optional[torch.dtype] = None, return_info: bool = False, strict: bool = False):
+        y = y if dtype is None else y.to(dtype)
         n, cf, *sizes = y.shape
         f, d = self.factor, len(sizes)
         if cf % f ** d:
@@ -351,33 +364,41 @@ class InvertibleSequential(nn.Sequential):
 
     @torch.no_grad()
     def inverse(self, y: torch.Tensor, tol: float = 1e-6, max_iter: Optional[int] = None, *,
-                return_info: bool = False, strict: bool = False):
-        """Invert block by block, last first. An error e in a later block's inverse reaches x
-        amplified by the earlier inverses' constants, so block k gets the tolerance
-        tol / (n * prod_{j<k} Lip(inverse_j)) and the returned bound is
-        sum_k bound_k * prod_{j<k} Lip(inverse_j)."""
+                dtype: Optional[torch.dtype] = torch.float64, return_info: bool = False, strict: bool = False):
+        """Invert block by block, last first, and return x in ``y``'s dtype.
+
+        An error e in a later block's inverse reaches x amplified by the earlier inverses'
+        constants (up to prod 1/(1 - c_j): 1e7 for seven blocks at c = 0.9), so block k gets the
+        tolerance tol / (n * prod_{j<k} Lip(inverse_j)), and the intermediates are computed in
+        float64 (``dtype``; None keeps ``y``'s dtype) where float32 could not meet such
+        tolerances. The returned bound is sum_k bound_k * prod_{j<k} Lip(inverse_j), plus the
+        rounding of x to ``y``'s dtype.
+        """
         blocks = list(self)
         amplify = [1.0]
         for m in blocks[:-1]:
             amplify.append(amplify[-1] * m.inverse_lipschitz())
         total = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
         iterations = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
-        x = y
+        x = y if dtype is None else y.to(dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # judged on the total below
             for m, a in zip(reversed(blocks), reversed(amplify)):
-                info = m.inverse(x, tol / (len(blocks) * a), max_iter, return_info=True)
+                info = m.inverse(x, tol / (len(blocks) * a), max_iter, dtype=x.dtype, return_info=True)
                 x = info.x
                 total = total + info.error_bound * a
                 iterations = iterations + info.iterations
+        out = x.to(y.dtype)
+        total = total + _norm(out.double() - x.double())
         converged = total <= tol
         if not bool(converged.all()):
             msg = (f"InvertibleSequential.inverse: {int((~converged).sum())} of {y.shape[0]} samples missed "
-                   f"tol={tol:g} (worst certified error {float(total.max()):.3g})")
+                   f"tol={tol:g} (worst certified error {float(total.max()):.3g}; the inverse's Lipschitz bound "
+                   f"is {self.inverse_lipschitz():.3g})")
             if strict:
                 raise LipfxError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        return InverseResult(x, iterations, total, converged) if return_info else x
+        return InverseResult(out, iterations, total, converged) if return_info else out
 
 
 def _norm(t: torch.Tensor) -> torch.Tensor:
@@ -426,3 +447,8 @@ def _dtype(module: nn.Module) -> torch.dtype:
 
 def _device(module: nn.Module) -> torch.device:
     return next((t.device for t in module.parameters()), torch.device("cpu"))
+
+
+@register_module_rule(Squeeze)
+def _squeeze_rule(ctx) -> Step:
+    return Step.scale(1.0, "space-to-depth: a permutation")

@@ -25,7 +25,10 @@ class _Tracer(fx.Tracer):
         self.failed_at: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaf_names or super().is_leaf_module(m, module_qualified_name)
+        # lipfx modules whose forward fx cannot trace (shape-dependent reshapes) say so with
+        # `_lipfx_leaf = True` and have a certificate rule of their own
+        return (module_qualified_name in self.leaf_names or getattr(m, "_lipfx_leaf", False)
+                or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         try:

@@ -1,5 +1,6 @@
 """The recipes run end to end (short settings) and print their results."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,37 @@ def test_certified_classifier_recipe(tmp_path):
     bound = float(out.split("final certificate:")[1].split()[0])
     assert 0 < bound <= 1.0  # the budget held through training
     assert plot.exists() or "no plot" in out
+
+
+def test_iresnet_flow_2d_recipe(tmp_path):
+    plot = tmp_path / "flow.png"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "iresnet_flow_2d.py"), "--steps", "60", "--blocks", "3", "--plot", str(plot)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    nll = float(out.split("test NLL (exact log-det):")[1].split()[0])
+    gauss = float(out.split("best Gaussian:")[1].split(")")[0])
+    assert nll < gauss + 0.5 and math.isfinite(nll)
+    contractions = [float(c) for c in out.split("certified contraction per block (coeff 0.90):")[1].splitlines()[0].split()]
+    assert len(contractions) == 3 and all(0 < c <= 0.9 for c in contractions)
+    bound = float(out.split("certified error bound <=")[1].split()[0])
+    assert bound <= 1e-4 and "converged: True" in out
+    assert "RuntimeWarning" not in res.stderr
+    assert plot.exists() or "no plot" in out
+
+
+def test_iresnet_classifier_recipe(tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "iresnet_classifier.py"), "--epochs", "1", "--blocks", "1"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "test accuracy" in out
+    contractions = [float(c) for c in out.split("certified contraction per block (coeff 0.9):")[1].splitlines()[0].split()]
+    assert len(contractions) == 2 and all(0 < c <= 0.9 for c in contractions)
+    whole = float(out.split("certificate of the whole classifier (chain rule through every block):")[1].split()[0])
+    assert 0 < whole < float("inf")
+    assert float(out.split("certified error bound <=")[1].split()[0]) <= 1e-3 and "converged: True" in out
