@@ -57,9 +57,9 @@ class FullOperatorPower(nn.Module):
         return weight / sigma
 
 
-def variants(model: nn.Module, x: torch.Tensor, bn: str) -> dict[str, nn.Module]:
+def variants(model: nn.Module, x: torch.Tensor, bn: str, refresh: float = 1e-3) -> dict[str, nn.Module]:
     plain = lipfx.convert(model, x[:1], normalize=False, bn=bn)
-    out = {"plain": plain, "lipfx": lipfx.convert(model, x[:1], K=1.0, bn=bn)}
+    out = {"plain": plain, "lipfx": lipfx.convert(model, x[:1], K=1.0, bn=bn, refresh=refresh)}
     sn = lipfx.convert(model, x[:1], normalize=False, bn=bn)
     for name, m in list(sn.named_modules()):
         if isinstance(m, CONVS + (nn.Linear,)):
@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every variant once)")
     ap.add_argument("--batch", default="a=8,b=128,c=2", help="batch size per case, e.g. a=8,b=128,c=2")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--refresh", type=float, default=1e-3, help="lipfx's drift threshold for full FFT searches")
     args = ap.parse_args()
     batch = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.batch.split(",")))
     torch.manual_seed(0)
@@ -143,7 +144,7 @@ def main() -> None:
         label, make, shape, bn, classes = CASES[key]
         model = make().eval()
         x = torch.randn(batch[key], *shape)
-        nets = {k: v.to(args.device).train() for k, v in variants(model, x, bn).items()}
+        nets = {k: v.to(args.device).train() for k, v in variants(model, x, bn, args.refresh).items()}
         x = x.to(args.device)
         steps = {k: step_fn(v, x, classes) for k, v in nets.items()}
         times: dict[str, list[float]] = {k: [] for k in nets}

@@ -25,6 +25,7 @@ def convert(
     scaling: str = "hard",
     s_init: float = 3.0,
     eps: float = 0.01,
+    refresh: float = 1e-3,
     bn: Optional[str] = "fold",
     separable: Optional[str] = "exact",
     rank: Optional[int] = None,
@@ -46,6 +47,9 @@ def convert(
         scaling: ``"hard"`` (norm K) or ``"soft"`` (norm K * tanh(s), s learnable per layer).
         s_init: initial s for soft scaling.
         eps: relative stopping tolerance of the pointwise/linear power iteration.
+        refresh: relative kernel drift after which a spatial conv's FFT bound is searched over
+            the whole spectrum again in training (see :func:`lipfx.normalize`); a layer's norm
+            stays in [K / (1 + refresh), K].
         bn: ``"fold"`` folds each BatchNorm into the conv/linear right before it, using the
             running statistics (eval semantics), and turns any other BatchNorm into a
             :class:`lipfx.layers.ChannelAffine`; ``"remove"`` drops them all; ``None`` keeps them.
@@ -87,7 +91,7 @@ def convert(
     gm.recompile()
     propagate_shapes(gm, example_inputs)
     if normalize:
-        register_normalization(gm, K, scaling=scaling, s_init=s_init, eps=eps, report=report)
+        register_normalization(gm, K, scaling=scaling, s_init=s_init, eps=eps, refresh=refresh, report=report)
     if lipschitz is not None:
         fit = fit_constants if normalize else fit_budget
         gm.lipfx_certificate = fit(gm, lipschitz, example_inputs, report)

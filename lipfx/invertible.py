@@ -55,7 +55,8 @@ class InvertibleResidual(nn.Module):
         separable: rewrite convs into depthwise-separable pairs (``"exact"``, ``"fresh"``) or keep
             them whole (``None``, the default: one tight FFT bound per conv, so the certified
             contraction is close to ``coeff``; a separable pair's two factors bound it loosely).
-        bn, scaling, eps, leaf_modules: as in :func:`lipfx.convert`.
+        bn, scaling, eps, refresh, leaf_modules: as in :func:`lipfx.convert` (``refresh`` trades
+            how close each layer stays to its constant in training for fewer full FFT searches).
 
     Raises LipfxError naming the culprit nodes when g has no finite certificate (LayerNorm,
     attention, products of activations, ...) or when fixed parts of g alone exceed ``coeff``.
@@ -63,7 +64,7 @@ class InvertibleResidual(nn.Module):
 
     def __init__(self, branch: nn.Module, coeff: float = 0.9, example_inputs: Optional[Inputs] = None, *,
                  separable: Optional[str] = None, bn: Optional[str] = "fold", scaling: str = "hard",
-                 eps: float = 0.01, leaf_modules: Sequence[str] = ()) -> None:
+                 eps: float = 0.01, refresh: float = 1e-3, leaf_modules: Sequence[str] = ()) -> None:
         super().__init__()
         if not 0 < coeff < 1:
             raise ValueError(f"coeff must be in (0, 1) for an invertible block, got {coeff}")
@@ -73,7 +74,8 @@ class InvertibleResidual(nn.Module):
         (x,) = as_tuple(example_inputs)
         try:
             self.branch: fx.GraphModule = convert(branch, x[:1], K=1.0, lipschitz=coeff, separable=separable, bn=bn,
-                                                  scaling=scaling, eps=eps, leaf_modules=leaf_modules)
+                                                  scaling=scaling, eps=eps, refresh=refresh,
+                                                  leaf_modules=leaf_modules)
         except LipfxError as exc:
             raise LipfxError(f"InvertibleResidual({type(branch).__name__}): cannot certify the branch below "
                              f"coeff={coeff}: {exc}") from exc

@@ -199,8 +199,10 @@ class ConvNormalization(LipschitzNormalization):
             geom.check_input(n, name)
         self.kind = "fft@" + ",".join("x".join(map(str, n)) for n in self.sizes)
         self.refresh = refresh
-        # the last full evaluation; saved as the module's extra state (see get_extra_state)
+        # the last full evaluation, and the peak block's singular vector (the gradient's power
+        # iteration warm-starts from it); both saved as the module's extra state
         self._ref: Optional[_Reference] = None
+        self._grad_start: Optional[tuple] = None
 
     def _geometry(self, weight: torch.Tensor) -> ConvGeometry:
         return ConvGeometry(weight, self.groups, self.stride, self.dilation, self.pads, self.padding_mode)
@@ -224,11 +226,14 @@ class ConvNormalization(LipschitzNormalization):
         self._ref = _Reference(weight.detach().clone(), max(p.value for _, p in peaks), peaks)
         return self._with_gradient(geom, peaks, self._ref.bound)
 
-    @staticmethod
-    def _with_gradient(geom: ConvGeometry, peaks: list, bound: float) -> torch.Tensor:
-        """``bound`` as a tensor whose gradient is that of the current norm at the peak."""
+    def _with_gradient(self, geom: ConvGeometry, peaks: list, bound: float) -> torch.Tensor:
+        """``bound`` as a tensor whose gradient is that of the current norm at the peak (its
+        singular vector warm-starts from the last step's when the peak is the same block)."""
         n, at = max(peaks, key=lambda item: item[1].value)
-        grad = block_norm(geom, n, at)
+        key = (tuple(n), at.group, tuple(at.freq))
+        start = self._grad_start[1] if self._grad_start is not None and self._grad_start[0] == key else None
+        grad, v = block_norm(geom, n, at, start)
+        self._grad_start = None if v is None else (key, v)
         return grad + (bound - grad.detach())
 
     def get_extra_state(self) -> dict:
@@ -236,15 +241,22 @@ class ConvNormalization(LipschitzNormalization):
         (plain types only: loads with ``torch.load(weights_only=True)``)."""
         if self._ref is None:
             return {}
-        return {"weight": self._ref.weight, "bound": self._ref.bound,
-                "peaks": [(tuple(n), p.group, tuple(p.freq), p.factor, p.value) for n, p in self._ref.peaks]}
+        state = {"weight": self._ref.weight, "bound": self._ref.bound,
+                 "peaks": [(tuple(n), p.group, tuple(p.freq), p.factor, p.value) for n, p in self._ref.peaks]}
+        if self._grad_start is not None:
+            state["grad_key"], state["grad_vector"] = self._grad_start
+        return state
 
     def set_extra_state(self, state: dict) -> None:
+        self._grad_start = None
         if not state:
             self._ref = None
             return
         peaks = [(tuple(n), Peak(int(g), tuple(f), float(fac), float(v))) for n, g, f, fac, v in state["peaks"]]
         self._ref = _Reference(state["weight"], float(state["bound"]), peaks)
+        if "grad_vector" in state:
+            n, group, freq = state["grad_key"]
+            self._grad_start = ((tuple(n), int(group), tuple(freq)), state["grad_vector"])
 
     def exact_bound(self, weight: torch.Tensor) -> float:
         geom = self._geometry(weight)
@@ -335,6 +347,7 @@ def normalize(
     scaling: str = "hard",
     s_init: float = 3.0,
     eps: float = 0.01,
+    refresh: float = 1e-3,
     report: Optional[ConversionReport] = None,
 ) -> fx.GraphModule:
     """Register a :class:`LipschitzNormalization` on every conv, linear and ChannelAffine that
@@ -349,11 +362,17 @@ def normalize(
         scaling: ``"hard"`` (multiply by K) or ``"soft"`` (by K * tanh(s), s learnable).
         s_init: initial s for soft scaling (Runkel et al.: 3 for K <= 20, 0.5 above).
         eps: relative stopping tolerance of the power iteration.
+        refresh: for spatial convs in training, the relative kernel drift (bounded through the
+            taps) after which the FFT bound is searched over the whole spectrum again; in between
+            the bound is the last one plus the drift, still an upper bound, so a layer's norm
+            stays in [K / (1 + refresh), K]. Larger values mean fewer full searches.
     """
     if scaling not in SCALINGS:
         raise ValueError(f"unknown scaling {scaling!r}; choose from {SCALINGS}")
     if not 0 < eps < 1:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
+    if not refresh >= 0:
+        raise ValueError(f"refresh must be >= 0, got {refresh}")
     sizes = input_shapes(gm)
     modules = dict(gm.named_modules())
     for name, shapes in sizes.items():
@@ -368,7 +387,7 @@ def normalize(
             if report is not None:
                 report.add(name, "not-normalized", "K is None")
             continue
-        p = _make(module, shapes, k, scaling, s_init, eps, name)
+        p = _make(module, shapes, k, scaling, s_init, eps, refresh, name)
         parametrize.register_parametrization(module, attr, p)
         if report is not None:
             report.add(name, "normalized", p.extra_repr())
@@ -376,7 +395,7 @@ def normalize(
 
 
 def _make(module: nn.Module, shapes: list[tuple[int, ...]], k: float, scaling: str, s_init: float,
-          eps: float, name: str) -> LipschitzNormalization:
+          eps: float, refresh: float, name: str) -> LipschitzNormalization:
     if isinstance(module, ChannelAffine):
         return DiagonalNormalization(k, scaling, s_init, name)
     if isinstance(module, nn.Linear):
@@ -384,4 +403,4 @@ def _make(module: nn.Module, shapes: list[tuple[int, ...]], k: float, scaling: s
     geom = conv_geometry(module, name)
     if geom.is_pointwise and all(lo == hi == 0 for lo, hi in geom.pads):
         return MatrixNormalization(module.weight, module.groups, k, scaling, s_init, eps, name=name)
-    return ConvNormalization(module, [s[1:] for s in shapes], k, scaling, s_init, name)
+    return ConvNormalization(module, [s[1:] for s in shapes], k, scaling, s_init, name, refresh)

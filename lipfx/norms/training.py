@@ -10,7 +10,7 @@ on the layer's norm (up to float round-off), never an estimate from below.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -54,8 +54,10 @@ def peak(geom: ConvGeometry, n: Sequence[int]) -> Peak:
     return Peak(group, freq, factor, norm * factor)
 
 
-def block_norm(geom: ConvGeometry, n: Sequence[int], at: Peak) -> torch.Tensor:
-    """The 2-norm of one per-frequency block (times ||P||), differentiable in ``geom.weight``.
+def block_norm(geom: ConvGeometry, n: Sequence[int], at: Peak,
+               start: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The 2-norm of one per-frequency block (times ||P||), differentiable in ``geom.weight``,
+    and the singular vector found (pass it back as ``start`` on the next step: warm start).
 
     Computed by an explicit DFT of the kernel at that frequency only, so a training step never
     runs a backward pass through the full FFT (the gradient of a max is that of its argmax).
@@ -69,29 +71,32 @@ def block_norm(geom: ConvGeometry, n: Sequence[int], at: Peak) -> torch.Tensor:
     e = torch.polar(torch.ones_like(phase), phase).to(_complex(stacked.dtype))
     block = (stacked[at.group] * e).sum(dim=tuple(range(2, stacked.dim() - 1)))  # (Cout_g, Cin_g * P)
     if min(block.shape) == 1:
-        return torch.linalg.vector_norm(block) * factor
+        return torch.linalg.vector_norm(block) * factor, None
     # The value only carries the gradient (callers add the exact bound as a constant), so a
     # power iteration on the tiny Gram matrix is enough, and keeps LAPACK out of every step:
-    # its thread pool then competes with the convolutions' on small CPUs.
+    # its thread pool then competes with the convolutions' on small CPUs. Warm-started from the
+    # previous step's vector, a few iterations do (the peak's block changes little per step).
     a = block.detach()
     right = block.shape[1] <= block.shape[0]
     gram = a.mH @ a if right else a @ a.mH
-    v = torch.ones(gram.shape[0], 1, dtype=gram.dtype, device=gram.device)
+    cold = start is None or start.shape != (gram.shape[0], 1) or start.dtype != gram.dtype or start.device != gram.device
+    v = torch.ones(gram.shape[0], 1, dtype=gram.dtype, device=gram.device) if cold else start
     with torch.no_grad():
-        for _ in range(_GRAD_ITERS):
+        for _ in range(_GRAD_ITERS if cold else _WARM_ITERS):
             v = gram @ v
             v = v / torch.linalg.vector_norm(v).clamp_min(1e-30)
-    return torch.linalg.vector_norm(block @ v if right else v.mH @ block) * factor
+    return torch.linalg.vector_norm(block @ v if right else v.mH @ block) * factor, v
 
 
 _GRAD_ITERS = 30
+_WARM_ITERS = 3
 
 
 def fft_bound(geom: ConvGeometry, n: Sequence[int]) -> torch.Tensor:
     """max over frequencies of the per-frequency block norm (the circulant-embedding bound,
     polyphase when strided), differentiable in ``geom.weight``."""
     at = peak(geom, n)
-    grad = block_norm(geom, n, at)
+    grad, _ = block_norm(geom, n, at)
     return grad + (at.value - grad.detach())
 
 

@@ -1,0 +1,109 @@
+"""Cost of a residual-flow training step with lipfx's certified blocks, side by side with the same
+blocks unnormalized and with i-ResNet's power iteration on the full conv operator.
+
+    python benchmarks/invertible_overhead.py [--cases a,b] [--steps 10] [--device cpu|cuda]
+
+Flow (issue 6): Squeeze(2), then 4 `InvertibleResidual` blocks (coeff 0.9), each branch
+conv3x3 - ELU - conv1x1 - ELU - conv3x3 (convs kept whole). Cases: (a) 1x16x16 inputs, hidden 32;
+(b) 3x32x32 inputs, hidden 64 (batch sizes: --batch a=64,b=32). Step = forward with log-det (power series, 5
+terms, Hutchinson, Neumann-series gradient) + backward of the negative log-likelihood + Adam step.
+Variants, on the same blocks and the same log-det code:
+  plain       the branches' weights as plain parameters (lipfx.bake of the converted branch)
+  lipfx       InvertibleResidual as built (FFT bound per conv, warm power iteration on 1x1s)
+  full-power  plain branches with one warm power step per forward on each conv's whole operator
+              (i-ResNet's estimate; its state is input-sized)
+Variants run interleaved, round after round; the median step time is reported with its ratio to
+`plain`, and the bytes of normalization state per block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lipfx.bake import bake
+from lipfx.invertible import InvertibleResidual, InvertibleSequential, Squeeze
+from lipfx.tracing import input_shapes
+
+from training_overhead import CONVS, FullOperatorPower, state_bytes, timed
+
+CASES = {"a": ("1x16x16, hidden 32", (1, 16, 16), 32), "b": ("3x32x32, hidden 64", (3, 32, 32), 64)}
+
+
+def branch(channels: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.ELU(), nn.Conv2d(hidden, hidden, 1), nn.ELU(),
+                         nn.Conv2d(hidden, channels, 3, padding=1))
+
+
+def flows(shape: tuple[int, ...], hidden: int, blocks: int = 4, refresh: float = 1e-3) -> dict[str, InvertibleSequential]:
+    c, h, w = shape
+    example = torch.zeros(1, 4 * c, h // 2, w // 2)
+    lip = InvertibleSequential(Squeeze(2), *[InvertibleResidual(branch(4 * c, hidden), 0.9, example, refresh=refresh)
+                                             for _ in range(blocks)])
+    out = {"lipfx": lip}
+    for variant in ("plain", "full-power"):
+        flow = InvertibleSequential(Squeeze(2), *[InvertibleResidual(branch(4 * c, hidden), 0.9, example) for _ in range(blocks)])
+        flow.load_state_dict(lip.state_dict())
+        for block in list(flow)[1:]:
+            shapes = input_shapes(block.branch)
+            block.branch = bake(block.branch).train()  # same weights, no normalization
+            if variant == "full-power":
+                for name, m in block.branch.named_modules():
+                    if isinstance(m, CONVS):
+                        parametrize.register_parametrization(m, "weight", FullOperatorPower(m, shapes[name][0]))
+        out[variant] = flow
+    return {k: out[k] for k in ("plain", "lipfx", "full-power")}
+
+
+def step_fn(flow: InvertibleSequential, x: torch.Tensor):
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-4)
+    gen = torch.Generator(device=x.device).manual_seed(0)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        z, logdet = flow.forward_and_logdet(x, "series", n_terms=5, generator=gen)
+        nll = 0.5 * z.flatten(1).square().sum(1) + 0.5 * z[0].numel() * math.log(2 * math.pi) - logdet
+        nll.mean().backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="a,b")
+    ap.add_argument("--steps", type=int, default=10, help="timed rounds (each runs every variant once)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", default="a=64,b=32", help="batch size per case")
+    ap.add_argument("--refresh", type=float, default=1e-3, help="lipfx's drift threshold for full FFT searches")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; {args.steps} timed rounds after 2 warm-up rounds")
+    print(f"{'case':<28} {'variant':<11} {'step (ms)':>10} {'ratio':>7} {'state bytes/block':>18}")
+    for key in args.cases.split(","):
+        label, shape, hidden = CASES[key]
+        batch = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.batch.split(",")))[key]
+        nets = {k: v.to(args.device).train() for k, v in flows(shape, hidden, refresh=args.refresh).items()}
+        x = torch.randn(batch, *shape, device=args.device)
+        steps = {k: step_fn(v, x) for k, v in nets.items()}
+        times: dict[str, list[float]] = {k: [] for k in nets}
+        for r in range(args.steps + 2):
+            for k, fn in steps.items():
+                t = timed(fn, args.device)
+                if r >= 2:
+                    times[k].append(t)
+        base = statistics.median(times["plain"])
+        for k, flow in nets.items():
+            med = statistics.median(times[k])
+            per_block = state_bytes(flow) // (len(flow) - 1)
+            print(f"{label + ' b=' + str(batch):<28} {k:<11} {med * 1e3:10.1f} {med / base:7.3f} {per_block:18,d}")
+
+
+if __name__ == "__main__":
+    main()
