@@ -13,7 +13,10 @@ Variants, on the same blocks and the same log-det code:
   full-power  plain branches with one warm power step per forward on each conv's whole operator
               (i-ResNet's estimate; its state is input-sized)
 Variants run interleaved, round after round; the median step time is reported with its ratio to
-`plain`, and the bytes of normalization state per block.
+`plain`, and the bytes of normalization state per block. After the timed steps, `worst norm/limit`
+is the largest true operator norm (power iteration on the real conv at its input size, float64)
+of a conv's training-mode weight divided by the limit the variant claims for it (lipfx: its K;
+full-power: 1): above 1 means the claimed constraint does not hold.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from torch.nn.utils import parametrize
 
 from lipfx.bake import bake
 from lipfx.invertible import InvertibleResidual, InvertibleSequential, Squeeze
+from lipfx.normalization import normalized_layers
+from lipfx.norms import operator_norm
 from lipfx.tracing import input_shapes
 
 from training_overhead import CONVS, FullOperatorPower, state_bytes, timed
@@ -52,12 +57,33 @@ def flows(shape: tuple[int, ...], hidden: int, blocks: int = 4, refresh: float =
         for block in list(flow)[1:]:
             shapes = input_shapes(block.branch)
             block.branch = bake(block.branch).train()  # same weights, no normalization
+            block.full_shapes = shapes
             if variant == "full-power":
                 for name, m in block.branch.named_modules():
                     if isinstance(m, CONVS):
                         parametrize.register_parametrization(m, "weight", FullOperatorPower(m, shapes[name][0]))
         out[variant] = flow
     return {k: out[k] for k in ("plain", "lipfx", "full-power")}
+
+
+@torch.no_grad()
+def worst_ratio(flow: InvertibleSequential, variant: str) -> float:
+    """max over convs of true norm (training-mode weight) / claimed limit; nan for `plain`."""
+    if variant == "plain":
+        return float("nan")
+    worst = 0.0
+    for block in list(flow)[1:]:
+        shapes = input_shapes(block.branch) if variant == "lipfx" else block.full_shapes
+        limits = {n: p.constant() for n, _, p in normalized_layers(block.branch)} if variant == "lipfx" else None
+        for name, m in block.branch.named_modules():
+            if not isinstance(m, CONVS):
+                continue
+            w = m.weight.detach().double()  # training mode: the weight the last step used
+            conv = lambda x, m=m, w=w: m._conv_forward(x, w, None)  # noqa: E731
+            with torch.enable_grad():
+                true = operator_norm(conv, shapes[name][0], iters=300)
+            worst = max(worst, true / (limits[name] if limits else 1.0))
+    return worst
 
 
 def step_fn(flow: InvertibleSequential, x: torch.Tensor):
@@ -85,7 +111,7 @@ def main() -> None:
     torch.manual_seed(0)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; {args.steps} timed rounds after 2 warm-up rounds")
-    print(f"{'case':<28} {'variant':<11} {'step (ms)':>10} {'ratio':>7} {'state bytes/block':>18}")
+    print(f"{'case':<28} {'variant':<11} {'step (ms)':>10} {'ratio':>7} {'state bytes/block':>18} {'worst norm/limit':>17}")
     for key in args.cases.split(","):
         label, shape, hidden = CASES[key]
         batch = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.batch.split(",")))[key]
@@ -102,7 +128,8 @@ def main() -> None:
         for k, flow in nets.items():
             med = statistics.median(times[k])
             per_block = state_bytes(flow) // (len(flow) - 1)
-            print(f"{label + ' b=' + str(batch):<28} {k:<11} {med * 1e3:10.1f} {med / base:7.3f} {per_block:18,d}")
+            worst = worst_ratio(flow, k)
+            print(f"{label + ' b=' + str(batch):<28} {k:<11} {med * 1e3:10.1f} {med / base:7.3f} {per_block:18,d} {worst:17.5f}")
 
 
 if __name__ == "__main__":
