@@ -216,8 +216,13 @@ def _zoo_model(name, kwargs):
     return model
 
 
+# wide_resnet50_2 is resnet50's graph with wider layers (no op the others lack) and cost 46 s of
+# CI here; its conversion is still checked in test_convert.py
+CERT_ZOO = [z for z in ZOO if z[0] != "wide_resnet50_2"]
+
+
 @pytest.mark.parametrize(
-    "name,size,kwargs", [pytest.param(*z, marks=pytest.mark.slow if z[0] in SLOW else ()) for z in ZOO]
+    "name,size,kwargs", [pytest.param(*z, marks=pytest.mark.slow if z[0] in SLOW else ()) for z in CERT_ZOO]
 )
 def test_zoo_certificates_are_sound(name, size, kwargs):
     model = _zoo_model(name, kwargs)

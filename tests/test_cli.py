@@ -138,6 +138,16 @@ def _bad_files(d):
     torch.save({"fc.weight": torch.zeros(3, 3)}, d / "wrong.pt")
     (d / "factory_fails.py").write_text("def make():\n    raise ValueError('no GPU here')\n")
     (d / "not_a_module.py").write_text("def make():\n    return 3\n")
+    (d / "untraceable.py").write_text(
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x) if x.sum() > 0 else x  # data-dependent control flow\n"
+        "def make():\n"
+        "    return Net()\n")
 
 
 BAD_INPUTS = [
@@ -160,6 +170,8 @@ BAD_INPUTS = [
     (["certify", "torchvision:squeezenet1_0", "--weights", "wrong.pt"], "do not fit the model"),
     (["certify", "factory_fails:make"], "make() failed: ValueError: no GPU here"),
     (["certify", "not_a_module:make"], "returned a int, not an nn.Module"),
+    (["certify", "untraceable:make", "--input-shape", "4"], "torch.fx cannot trace"),
+    (["convert", "untraceable:make", "--input-shape", "4", "-o", "x.pt"], "torch.fx cannot trace"),
     (["convert", "torchvision:resnet18", "-o", "x.pt", "--K", "0"], "--K must be a positive"),
     (["convert", "torchvision:resnet18", "-o", "x.pt", "--lipschitz", "-1"], "--lipschitz must be a positive"),
     (["convert", "torchvision:resnet18", "-o", "x.pt", "--K", "2", "--no-normalize"], "drop --no-normalize"),
