@@ -269,15 +269,18 @@ class InvertibleResidual(nn.Module):
         if d > _EXACT_MAX_DIM:
             raise ValueError(f"exact logdet needs a dense {d}x{d} Jacobian per sample; use method='series' or 'roulette'")
         batch = x.shape[0]
+        want_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             xi = x if x.requires_grad else x.detach().requires_grad_(True)
             gx = self.branch(xi)
             # samples are independent: row i of every sample's Jacobian in one vjp on the batch sum
             eye = torch.eye(d, dtype=x.dtype, device=x.device)
             rows = [torch.autograd.grad(gx, xi, e.reshape(self.input_shape).expand_as(gx), retain_graph=True,
-                                        create_graph=torch.is_grad_enabled())[0].reshape(batch, d) for e in eye]
+                                        create_graph=want_graph)[0].reshape(batch, d) for e in eye]
         jac = torch.stack(rows, dim=1)  # (batch, out, in)
         logdet = torch.linalg.slogdet(eye + jac).logabsdet
+        if not want_graph:
+            return x + gx.detach(), logdet.detach()
         return x + gx, logdet
 
 

@@ -115,6 +115,9 @@ def test_exact_logdet_matches_slogdet_of_the_block_jacobian():
     y, ld = block.forward_and_logdet(x, "exact")
     assert torch.allclose(ld, ref, atol=1e-10)
     assert torch.allclose(y, block(x))
+    with torch.no_grad():  # no graph is built (or returned) without grad mode
+        y0, ld0 = block.forward_and_logdet(x, "exact")
+    assert not y0.requires_grad and not ld0.requires_grad and torch.equal(ld0, ld.detach())
     assert bool((ld.abs() > 1e-3).all())  # a non-trivial determinant
 
 
