@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ from lipfx.normalization import normalized_layers
 from lipfx.norms import operator_norm
 from lipfx.tracing import input_shapes
 
-from training_overhead import CONVS, FullOperatorPower, state_bytes, timed
+from training_overhead import CONVS, FullOperatorPower, interleaved_medians, state_bytes
 
 CASES = {"a": ("1x16x16, hidden 32", (1, 16, 16), 32), "b": ("3x32x32, hidden 64", (3, 32, 32), 64)}
 
@@ -117,16 +116,9 @@ def main() -> None:
         batch = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.batch.split(",")))[key]
         nets = {k: v.to(args.device).train() for k, v in flows(shape, hidden, refresh=args.refresh).items()}
         x = torch.randn(batch, *shape, device=args.device)
-        steps = {k: step_fn(v, x) for k, v in nets.items()}
-        times: dict[str, list[float]] = {k: [] for k in nets}
-        for r in range(args.steps + 2):
-            for k, fn in steps.items():
-                t = timed(fn, args.device)
-                if r >= 2:
-                    times[k].append(t)
-        base = statistics.median(times["plain"])
+        medians = interleaved_medians({k: step_fn(v, x) for k, v in nets.items()}, args.steps, args.device)
         for k, flow in nets.items():
-            med = statistics.median(times[k])
+            med, base = medians[k], medians["plain"]
             per_block = state_bytes(flow) // (len(flow) - 1)
             worst = worst_ratio(flow, k)
             print(f"{label + ' b=' + str(batch):<28} {k:<11} {med * 1e3:10.1f} {med / base:7.3f} {per_block:18,d} {worst:17.5f}")

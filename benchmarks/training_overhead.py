@@ -111,6 +111,18 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - t
 
 
+def interleaved_medians(steps: dict, rounds: int, device: str, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per step of each variant, run one after another round after round (so
+    drifts in machine speed hit all alike), after ``warmup`` untimed rounds."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(rounds + warmup):
+        for k, fn in steps.items():
+            t = timed(fn, device)
+            if r >= warmup:
+                times[k].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def small_3d() -> nn.Module:
     return nn.Sequential(
         nn.Conv3d(1, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
@@ -146,17 +158,10 @@ def main() -> None:
         x = torch.randn(batch[key], *shape)
         nets = {k: v.to(args.device).train() for k, v in variants(model, x, bn, args.refresh).items()}
         x = x.to(args.device)
-        steps = {k: step_fn(v, x, classes) for k, v in nets.items()}
-        times: dict[str, list[float]] = {k: [] for k in nets}
-        for r in range(args.steps + 2):
-            for k, fn in steps.items():
-                t = timed(fn, args.device)
-                if r >= 2:
-                    times[k].append(t)
-        base = statistics.median(times["plain"])
-        for k in nets:
-            med = statistics.median(times[k])
-            print(f"{label + ' b=' + str(batch[key]):<32} {k:<11} {med * 1e3:10.1f} {med / base:7.3f} {state_bytes(nets[k]):12,d}")
+        medians = interleaved_medians({k: step_fn(v, x, classes) for k, v in nets.items()}, args.steps, args.device)
+        for k, med in medians.items():
+            print(f"{label + ' b=' + str(batch[key]):<32} {k:<11} {med * 1e3:10.1f} {med / medians['plain']:7.3f} "
+                  f"{state_bytes(nets[k]):12,d}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ become plain ``nn.Module`` holders of their two convs, and :class:`ChannelAffine
 from __future__ import annotations
 
 import copy
+from typing import Mapping
 
 import torch
 import torch.fx as fx
@@ -52,17 +53,26 @@ def bake(net: nn.Module) -> nn.Module:
 
 
 def _unparametrize(module: nn.Module) -> None:
-    """Freeze each parametrized tensor to its current (eval) value as a plain Parameter.
+    """Freeze each parametrized tensor to its current (eval) value as a plain Parameter."""
+    values = {name: getattr(module, name).detach().clone() for name in module.parametrizations.keys()}
+    strip_parametrizations(module, {name: nn.Parameter(value) for name, value in values.items()})
+
+
+def strip_parametrizations(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Make ``module`` unparametrized again, registering ``tensors[attr]`` for each attribute
+    (``nn.Parameter`` as a parameter, any other tensor as a buffer).
 
     Not ``parametrize.remove_parametrizations``: a deepcopy shares its injected class with the
     original, and removing deletes the property from that shared class, breaking the original.
     Changing this instance's class back to the base class touches nothing shared.
     """
-    values = {name: getattr(module, name).detach().clone() for name in module.parametrizations.keys()}
     module.__class__ = type(module).__bases__[0]
     del module._modules["parametrizations"]
-    for name, value in values.items():
-        module.register_parameter(name, nn.Parameter(value))
+    for name, value in tensors.items():
+        if isinstance(value, nn.Parameter):
+            module.register_parameter(name, value)
+        else:
+            module.register_buffer(name, value)
 
 
 def _inline_channel_affine(gm: fx.GraphModule) -> None:

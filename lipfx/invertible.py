@@ -197,14 +197,9 @@ class InvertibleResidual(nn.Module):
         bound = residual / (1 - c)
         converged = bound <= tol
         if not bool(converged.all()):
-            worst = float(bound.max())
-            floor = float(rho.max()) / (1 - c)
-            msg = (f"InvertibleResidual.inverse: {int((~converged).sum())} of {y.shape[0]} samples missed tol={tol:g} "
-                   f"after {k} iterations (worst certified error {worst:.3g}; round-off floor in {y.dtype} "
-                   f"~{floor:.3g}): raise max_iter, use float64, or a larger tol")
-            if strict:
-                raise LipfxError(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            _missed("InvertibleResidual", converged, bound, tol, strict,
+                    f"after {k} iterations; round-off floor in {y.dtype} ~{float(rho.max()) / (1 - c):.3g}; "
+                    "raise max_iter, use float64, or a larger tol")
         if return_info:
             return InverseResult(x, iterations, bound, converged)
         return x
@@ -398,13 +393,19 @@ class InvertibleSequential(nn.Sequential):
         total = total + _norm(out.double() - x.double())
         converged = total <= tol
         if not bool(converged.all()):
-            msg = (f"InvertibleSequential.inverse: {int((~converged).sum())} of {y.shape[0]} samples missed "
-                   f"tol={tol:g} (worst certified error {float(total.max()):.3g}; the inverse's Lipschitz bound "
-                   f"is {self.inverse_lipschitz():.3g})")
-            if strict:
-                raise LipfxError(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            _missed("InvertibleSequential", converged, total, tol, strict,
+                    f"the inverse's Lipschitz bound is {self.inverse_lipschitz():.3g}")
         return InverseResult(out, iterations, total, converged) if return_info else out
+
+
+def _missed(who: str, converged: torch.Tensor, bound: torch.Tensor, tol: float, strict: bool, detail: str) -> None:
+    """Samples whose certified error exceeds tol: raise (strict), or warn at the line that called
+    ``inverse`` (past ``inverse`` and its torch.no_grad wrapper)."""
+    msg = (f"{who}.inverse: {int((~converged).sum())} of {converged.numel()} samples missed tol={tol:g} "
+           f"(worst certified error {float(bound.max()):.3g}; {detail})")
+    if strict:
+        raise LipfxError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 def _norm(t: torch.Tensor) -> torch.Tensor:

@@ -61,10 +61,10 @@ class LipschitzNormalization(nn.Module):
         # in the default dtype, so model.to(dtype) keeps it in the weights' dtype (no cast per step)
         self.register_buffer("K", torch.tensor(float(K)))
         self.s = nn.Parameter(torch.tensor(float(s_init))) if scaling == "soft" else None
-        self._cache_key: Optional[tuple] = None
-        self._cache_factor = 0.0
-        self._cache_weight: Optional[torch.Tensor] = None
+        self._cache_key: Optional[tuple] = None  # eval-mode factor and weight, see _eval_factor
         self._cache_weight_key: Optional[tuple] = None
+        self._cache_weight: Optional[torch.Tensor] = None
+        self._cache_factor = 0.0
 
     # -- what subclasses provide -------------------------------------------------------------
     def train_bound(self, weight: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .bake import LIPFX_ATTRS
+from .bake import LIPFX_ATTRS, strip_parametrizations
 from .errors import LipfxError
 from .normalization import LipschitzNormalization
 
@@ -90,14 +90,7 @@ def _detach(module: nn.Module) -> dict[str, list[nn.Module]]:
         for p in plist:
             if isinstance(p, LipschitzNormalization):
                 p.clear_cache()  # keyed on storage addresses, which loading changes
-    # the injected class is shared with deep copies: swap it back, never edit it (see bake)
-    module.__class__ = type(module).__bases__[0]
-    del module._modules["parametrizations"]
-    for attr, original in originals.items():
-        if isinstance(original, nn.Parameter):
-            module.register_parameter(attr, original)
-        else:
-            module.register_buffer(attr, original)
+    strip_parametrizations(module, originals)
     return found
 
 

@@ -44,6 +44,13 @@ def torchvision_data(name: str, root: str, train: bool) -> tuple[torch.Tensor, t
     return torch.cat(xs), torch.cat(ys)
 
 
+def load_data(name: str, root: str, n_train: int, n_test: int = 1000) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """(train, test) pairs of images and labels: the synthetic task, or a torchvision dataset."""
+    if name == "synthetic":
+        return synthetic(n_train, seed=1), synthetic(n_test, seed=2)
+    return torchvision_data(name, root, True), torchvision_data(name, root, False)
+
+
 def small_cnn(channels: int, size: int, classes: int = 10) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(),
@@ -63,11 +70,7 @@ def main() -> None:
     ap.add_argument("--plot", default="certified_accuracy.png")
     args = ap.parse_args()
     torch.manual_seed(0)
-    if args.data == "synthetic":
-        (xtr, ytr), (xte, yte) = synthetic(4000, 1), synthetic(1000, 2)
-    else:
-        xtr, ytr = torchvision_data(args.data, args.root, True)
-        xte, yte = torchvision_data(args.data, args.root, False)
+    (xtr, ytr), (xte, yte) = load_data(args.data, args.root, n_train=4000)
     channels, size = xtr.shape[1], xtr.shape[-1]
     net = lipfx.convert(small_cnn(channels, size).eval(), xtr[:1], lipschitz=1.0)
     print(f"converted: {len(list(lipfx.normalized_layers(net)))} normalized layers, "

@@ -24,7 +24,7 @@ from torch import nn
 import lipfx
 from lipfx.invertible import InvertibleResidual, InvertibleSequential, Squeeze
 
-from certified_classifier import synthetic, torchvision_data
+from certified_classifier import load_data
 
 
 def branch(channels: int, hidden: int) -> nn.Module:
@@ -56,10 +56,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    if args.data == "synthetic":
-        (xtr, ytr), (xte, yte) = synthetic(3000, seed=1), synthetic(1000, seed=2)
-    else:
-        (xtr, ytr), (xte, yte) = torchvision_data(args.data, args.root, True), torchvision_data(args.data, args.root, False)
+    (xtr, ytr), (xte, yte) = load_data(args.data, args.root, n_train=3000)
     channels, size = xtr.shape[1], xtr.shape[2]
     flow = features(channels, size, args.blocks, args.hidden, args.coeff)
     width = channels * size * size  # the flow keeps every dimension: a linear layer on all of them
