@@ -1,7 +1,7 @@
 """Cost of a residual-flow training step with lipfx's certified blocks, side by side with the same
 blocks unnormalized and with i-ResNet's power iteration on the full conv operator.
 
-    python benchmarks/invertible_overhead.py [--cases a,b] [--steps 10] [--device cpu|cuda]
+    python benchmarks/invertible_overhead.py [--cases a,b] [--steps 10] [--device cpu|cuda] [--malloc tuned|default]
 
 Flow (issue 6): Squeeze(2), then 4 `InvertibleResidual` blocks (coeff 0.9), each branch
 conv3x3 - ELU - conv1x1 - ELU - conv3x3 (convs kept whole). Cases: (a) 1x16x16 inputs, hidden 32;
@@ -16,7 +16,8 @@ Variants run interleaved, round after round; the median step time is reported wi
 `plain`, and the bytes of normalization state per block. After the timed steps, `worst norm/limit`
 is the largest true operator norm (power iteration on the real conv at its input size, float64)
 of a conv's training-mode weight divided by the limit the variant claims for it (lipfx: its K;
-full-power: 1): above 1 means the claimed constraint does not hold.
+full-power: 1): above 1 means the claimed constraint does not hold. `--malloc`: as in
+training_overhead.py (default: freed memory kept in the process, for all variants alike).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from lipfx.normalization import normalized_layers
 from lipfx.norms import operator_norm
 from lipfx.tracing import input_shapes
 
-from training_overhead import CONVS, FullOperatorPower, interleaved_medians, state_bytes
+from training_overhead import CONVS, FullOperatorPower, add_malloc_option, interleaved_medians, set_malloc, state_bytes
 
 CASES = {"a": ("1x16x16, hidden 32", (1, 16, 16), 32), "b": ("3x32x32, hidden 64", (3, 32, 32), 64)}
 
@@ -106,10 +107,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", default="a=64,b=32", help="batch size per case")
     ap.add_argument("--refresh", type=float, default=1e-3, help="lipfx's drift threshold for full FFT searches")
+    add_malloc_option(ap)
     args = ap.parse_args()
+    malloc = set_malloc(args.malloc)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; {args.steps} timed rounds after 2 warm-up rounds")
+    print(f"device: {name}; torch {torch.__version__}; malloc: {malloc}; {args.steps} timed rounds after 2 warm-up rounds")
     print(f"{'case':<28} {'variant':<11} {'step (ms)':>10} {'ratio':>7} {'state bytes/block':>18} {'worst norm/limit':>17}")
     for key in args.cases.split(","):
         label, shape, hidden = CASES[key]

@@ -1,25 +1,34 @@
 """Cost of a training step with lipfx's normalization, side by side with the same network unnormalized
 and with two peers on the same layers.
 
-    python benchmarks/training_overhead.py [--cases a,b,c] [--steps 5] [--device cpu|cuda]
+    python benchmarks/training_overhead.py [--cases a,b,c] [--steps 5] [--device cpu|cuda] [--malloc tuned|default]
 
 Cases (issue 4): (a) MobileNetV2 at 224x224, (b) ResNet-34 with every conv rewritten as
 depthwise-separable, BatchNorm removed, at 32x32 (the paper's CIFAR setup), (c) a small 3-D conv
 net on 1x64x64x64 volumes. Variants, all on the same converted network:
   plain       lipfx.convert(..., normalize=False)
   lipfx       lipfx.convert(...) (FFT bounds for depthwise parts, warm power iteration on the
-              small pointwise/linear matrices)
+              small pointwise/linear matrices), all weights computed when the forward starts
+  lipfx-layer the same with batched=False: each weight computed just before its layer runs
   torch-sn    torch.nn.utils.parametrizations.spectral_norm on every conv/linear (reshaped-kernel
               heuristic, NOT a bound on a conv's norm; one power step per forward)
   full-power  one warm-started power step per forward on the full conv operator (i-ResNet's
               approach; its state is input-sized)
 Step = forward + backward + SGD step. Variants run interleaved, round after round, and the median
 step time is reported with its ratio to `plain`; state = bytes of normalization buffers.
+
+On CPU, glibc's malloc by default hands every large activation back to the kernel when it is
+freed, so each step page-faults its activations in again: on 2 cores that is up to 40% of a
+MobileNetV2 step, in system time that varies from step to step by more than the differences
+measured here. `--malloc tuned` (the default) keeps freed memory in the process (mallopt: no
+mmap below 1 GiB, no trimming), as the caching allocators recommended for CPU training
+(jemalloc, tcmalloc) do; it applies to all variants alike. `--malloc default` leaves glibc as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
 
@@ -59,7 +68,8 @@ class FullOperatorPower(nn.Module):
 
 def variants(model: nn.Module, x: torch.Tensor, bn: str, refresh: float = 1e-3) -> dict[str, nn.Module]:
     plain = lipfx.convert(model, x[:1], normalize=False, bn=bn)
-    out = {"plain": plain, "lipfx": lipfx.convert(model, x[:1], K=1.0, bn=bn, refresh=refresh)}
+    out = {"plain": plain, "lipfx": lipfx.convert(model, x[:1], K=1.0, bn=bn, refresh=refresh),
+           "lipfx-layer": lipfx.convert(model, x[:1], K=1.0, bn=bn, refresh=refresh, batched=False)}
     sn = lipfx.convert(model, x[:1], normalize=False, bn=bn)
     for name, m in list(sn.named_modules()):
         if isinstance(m, CONVS + (nn.Linear,)):
@@ -123,6 +133,26 @@ def interleaved_medians(steps: dict, rounds: int, device: str, warmup: int = 2) 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def add_malloc_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="CPU: keep freed memory in the process (see above) or leave glibc's default")
+
+
+def set_malloc(choice: str) -> str:
+    """Apply ``--malloc``; returns what is in effect. glibc only: with "tuned", freed blocks stay
+    in the process instead of going back to the kernel."""
+    if choice == "default":
+        return "glibc default"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "default (no glibc)"
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = all(libc.mallopt(opt, value) == 1 for opt, value in
+             ((m_mmap_threshold, 2**30), (m_trim_threshold, 2**31 - 1), (m_top_pad, 2**30)))
+    return "kept in process (mallopt)" if ok else "default (mallopt refused)"
+
+
 def small_3d() -> nn.Module:
     return nn.Sequential(
         nn.Conv3d(1, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
@@ -146,11 +176,13 @@ def main() -> None:
     ap.add_argument("--batch", default="a=8,b=128,c=2", help="batch size per case, e.g. a=8,b=128,c=2")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--refresh", type=float, default=1e-3, help="lipfx's drift threshold for full FFT searches")
+    add_malloc_option(ap)
     args = ap.parse_args()
+    malloc = set_malloc(args.malloc)
     batch = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.batch.split(",")))
     torch.manual_seed(0)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; {args.steps} timed rounds after 2 warm-up rounds")
+    print(f"device: {name}; torch {torch.__version__}; malloc: {malloc}; {args.steps} timed rounds after 2 warm-up rounds")
     print(f"{'case':<32} {'variant':<11} {'step (ms)':>10} {'ratio':>7} {'state bytes':>12}")
     for key in args.cases.split(","):
         label, make, shape, bn, classes = CASES[key]

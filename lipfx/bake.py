@@ -37,6 +37,11 @@ def bake(net: nn.Module) -> nn.Module:
     for attr in LIPFX_ATTRS:
         if hasattr(out, attr):
             delattr(out, attr)
+    for module in out.modules():  # normalize(batched=True)'s hooks would make loading need lipfx
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, fn in hooks.items() if getattr(fn, "__module__", "").startswith("lipfx")]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
     if isinstance(out, fx.GraphModule):
         _inline_channel_affine(out)
         # the tracer class is pickled with a GraphModule; lipfx's would make loading need lipfx

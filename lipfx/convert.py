@@ -26,6 +26,7 @@ def convert(
     s_init: float = 3.0,
     eps: float = 0.01,
     refresh: float = 1e-3,
+    batched: bool = True,
     bn: Optional[str] = "fold",
     separable: Optional[str] = "exact",
     rank: Optional[int] = None,
@@ -50,6 +51,8 @@ def convert(
         refresh: relative kernel drift after which a spatial conv's FFT bound is searched over
             the whole spectrum again in training (see :func:`lipfx.normalize`); a layer's norm
             stays in [K / (1 + refresh), K].
+        batched: compute all normalized weights together at the start of each training forward
+            (see :func:`lipfx.normalize`); ``False`` computes each just before its layer.
         bn: ``"fold"`` folds each BatchNorm into the conv/linear right before it, using the
             running statistics (eval semantics), and turns any other BatchNorm into a
             :class:`lipfx.layers.ChannelAffine`; ``"remove"`` drops them all; ``None`` keeps them.
@@ -91,7 +94,8 @@ def convert(
     gm.recompile()
     propagate_shapes(gm, example_inputs)
     if normalize:
-        register_normalization(gm, K, scaling=scaling, s_init=s_init, eps=eps, refresh=refresh, report=report)
+        register_normalization(gm, K, scaling=scaling, s_init=s_init, eps=eps, refresh=refresh,
+                               batched=batched, report=report)
     if lipschitz is not None:
         fit = fit_constants if normalize else fit_budget
         gm.lipfx_certificate = fit(gm, lipschitz, example_inputs, report)

@@ -141,7 +141,7 @@ def test_every_layer_kind_on_a_small_net_against_dense_svd():
 def test_drift_bound_between_full_evaluations_stays_sound_and_tight():
     """Training reuses the last full FFT evaluation plus the kernel's tap drift: it must never
     fall below the bound recomputed from scratch, and stay within `refresh` of it."""
-    from lipfx.norms.training import fft_bound
+    from lipfx.norms.training import peak
     from reference import dense_matrix
 
     torch.manual_seed(0)
@@ -156,15 +156,146 @@ def test_drift_bound_between_full_evaluations_stays_sound_and_tight():
             with torch.no_grad():
                 w.add_(torch.randn_like(w) * (1e-5 if step % 20 else 1e-2))
             before = p._ref
-            got = float(p.train_bound(w))
+            got = p.train_bound(w.detach()).value
             full += p._ref is not before
-            exact = float(fft_bound(p._geometry(w.detach()), size))
+            exact = peak(p._geometry(w.detach()), size).value
             assert exact * (1 - 1e-6) <= got <= exact * (1 + p.refresh) * (1 + 1e-6), (step, got, exact)
             # and against the layer's true norm (dense SVD of its operator, float64)
             with torch.no_grad():
                 op = dense_matrix(lambda x: m._conv_forward(x, w.double(), None), (conv.in_channels, *size))
             assert float(torch.linalg.matrix_norm(op, ord=2)) <= got * (1 + 1e-6), step
         assert 2 <= full < 30  # the big steps force a full evaluation, the small ones do not
+
+
+GRADIENT_CASES = [  # (layer, input shape): every path of the training bound's closed-form gradient
+    (nn.Linear(7, 5), (7,)),
+    (nn.Conv2d(8, 6, 1, groups=2), (8, 5, 5)),  # grouped pointwise: the gradient sits in one group
+    (nn.Conv2d(6, 6, 3, padding=1, groups=6), (6, 7, 7)),  # depthwise: 1x1 blocks
+    (nn.Conv2d(4, 12, 3, stride=2, padding=1, groups=4), (4, 9, 9)),  # polyphase 3x4 blocks
+    (nn.Conv2d(6, 6, 3, dilation=2, groups=3), (6, 9, 9)),  # dilated 2x2 blocks
+    (nn.Conv2d(3, 3, 3, padding=1, groups=3, padding_mode="reflect"), (3, 6, 6)),  # ||P|| factor
+    (nn.Conv2d(3, 5, 2, stride=2), (3, 6, 6)),  # taps wrap on a small subgrid
+    (nn.Conv1d(2, 4, 5, padding=2), (2, 12)),
+    (nn.Conv3d(1, 3, 3, padding=1, stride=(1, 2, 2)), (1, 4, 6, 6)),
+    (nn.BatchNorm2d(3), (3, 4, 4)),  # ChannelAffine
+]
+
+
+@pytest.mark.parametrize("scaling", ["hard", "soft"])
+def test_training_gradient_matches_finite_differences(scaling):
+    """The hand-written backward (closed-form gradient of the bound at its argmax block) against
+    central differences of the training forward itself, in float64, with the bound recomputed
+    exactly at every call (refresh=0, power iteration run to convergence)."""
+    from lipfx.norms.training import peak, peak_gradient, peak_map
+
+    for layer, shape in GRADIENT_CASES:
+        torch.manual_seed(0)
+        model = nn.Sequential(layer).double().eval()
+        randomize_batchnorm(model)
+        net = lipfx.convert(model, torch.randn(1, *shape, dtype=torch.float64), K=1.7, scaling=scaling,
+                            s_init=0.8, separable=None, refresh=0.0).double().train()  # K and s too
+        [(name, host, p)] = list(normalized_layers(net))
+        plist = getattr(host.parametrizations, "scale" if isinstance(p, DiagonalNormalization) else "weight")
+        w = plist.original
+        if isinstance(p, MatrixNormalization):
+            p.eps, p.max_iter = 1e-13, 5000
+        if isinstance(p, ConvNormalization):
+            for _ in range(30):  # converge the warm-started singular vector of the peak block
+                p.train_bound(w.detach())
+            # the peak block as a linear map of the kernel reproduces the FFT search's value
+            (n, at), = p._ref.peaks
+            start = None if p._grad_start is None else p._grad_start[1]
+            sigma, _, _ = peak_gradient(w.detach(), p.groups, peak_map(p._geometry(w.detach()), n, at), at, start)
+            assert sigma == pytest.approx(peak(p._geometry(w.detach()), n).value, rel=1e-6), layer
+        g = torch.randn_like(w)
+        direction = torch.randn_like(w)
+
+        def f(weight):
+            return float((plist[0](weight) * g).sum())
+
+        out = (plist[0](w) * g).sum()
+        params = [w] + ([p.s] if p.s is not None else [])
+        grads = torch.autograd.grad(out, params)
+        h = 1e-6
+        with torch.no_grad():
+            numeric = (f(w + h * direction) - f(w - h * direction)) / (2 * h)
+        assert float((grads[0] * direction).sum()) == pytest.approx(numeric, rel=1e-5, abs=1e-8), (layer, scaling)
+        if p.s is not None:
+            with torch.no_grad():
+                s0 = p.s.clone()
+                p.s.copy_(s0 + h)
+                up = f(w)
+                p.s.copy_(s0 - h)
+                down = f(w)
+                p.s.copy_(s0)
+            assert float(grads[1]) == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-8), layer
+
+
+def test_gradient_penalty_trains_through_the_normalization():
+    """A WGAN-GP critic: the penalty's gradient reaches the weights through the normalization
+    (a double backward through the convs, first order through the bound), and equals the
+    gradient of the same critic written with a differentiable exact norm."""
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
+    net = lipfx.convert(critic, x[:1].detach(), K=1.3).train()
+    for _, _, p in normalized_layers(net):
+        p.eps, p.max_iter = 1e-13, 5000
+
+    def penalty(forward):
+        (gx,) = torch.autograd.grad(forward(x).sum(), x, create_graph=True)
+        return (gx.norm(dim=1) - 1).square().mean()
+
+    ours = dict(zip(["0", "2"], torch.autograd.grad(penalty(net), [net.get_submodule(n).parametrizations.weight.original for n in ("0", "2")])))
+    weights = [net.get_submodule(n).parametrizations.weight.original.detach().clone().requires_grad_(True) for n in ("0", "2")]
+    biases = [net.get_submodule(n).bias for n in ("0", "2")]
+
+    def reference(inp):
+        w0, w2 = (w * 1.3 / torch.linalg.matrix_norm(w, ord=2) for w in weights)
+        return torch.tanh(inp @ w0.T + biases[0]) @ w2.T + biases[1]
+
+    ref = torch.autograd.grad(penalty(reference), weights)
+    for (name, got), want in zip(ours.items(), ref):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-9), name
+
+
+def test_batched_forward_gives_the_per_layer_results():
+    """normalize(batched=True) computes all weights when the forward starts; training steps must
+    give the very same weights and state as computing each weight at its layer, including a
+    layer called twice in one forward and a forward that raises half-way."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(torch.relu(self.conv(x)))).flatten(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 6, 6)
+    a = lipfx.convert(Shared(), x, K=1.2)
+    b = lipfx.convert(Shared(), x, K=1.2, batched=False)
+    b.load_state_dict(a.state_dict())
+    assert a._forward_pre_hooks and not b._forward_pre_hooks
+    for net in (a, b):
+        torch.manual_seed(1)  # the same made-up target
+        sgd_steps(net, x, steps=3, lr=0.2)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and same(va, vb), ka
+    seen = []  # the layers really take the weights computed when the forward started
+    hook = a.head.register_forward_pre_hook(lambda m, args: seen.append(m.parametrizations.weight[0]._prepared))
+    a(x)
+    hook.remove()
+    assert seen[0] is not None and all(p._prepared is None for _, _, p in normalized_layers(a))
+    with pytest.raises(RuntimeError):
+        a(torch.randn(5, 3, 6, 6))  # wrong channel count: fails inside the graph
+    assert all(p._prepared is None for _, _, p in normalized_layers(a))
+    copy.deepcopy(a)
+    a.train()
+    with torch.no_grad():
+        assert torch.equal(a(x), b.train()(x))
 
 
 def _linear(conv: nn.Module) -> nn.Module:

@@ -1,10 +1,11 @@
-"""Differentiable conv-norm bounds for training-time normalization (MATH sections 1-3).
+"""Conv-norm bounds and their gradients for training-time normalization (MATH sections 1-3).
 
-The certificate path (:mod:`lipfx.norms.conv`) works in float64 without gradients and proves
-its results. During training the normalized weight is ``W * K / bound(W)`` and the bound must
-carry gradients, so this module evaluates the same circulant-embedding bound with autograd, in
-the weight's dtype, on the smallest grid that embeds the conv. The result is still an upper bound
-on the layer's norm (up to float round-off), never an estimate from below.
+The certificate path (:mod:`lipfx.norms.conv`) works in float64 and proves its results. During
+training the normalized weight is ``W * K / bound(W)``, recomputed every step, so this module
+evaluates the same circulant-embedding bound in the weight's dtype, on the smallest grid that
+embeds the conv, and gives its gradient in closed form (:class:`BlockGradient`) instead of
+through autograd: a step then costs a few small kernels per layer. The value is still an upper
+bound on the layer's norm (up to float round-off), never an estimate from below.
 """
 
 from __future__ import annotations
@@ -29,8 +30,19 @@ class Peak(NamedTuple):
     value: float  # the bound itself: ||P|| * the block's 2-norm
 
 
-def _stacked(geom: ConvGeometry, n: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...], float]:
-    """Phase-stacked kernel (groups, Cout_g, Cin_g * P, *taps), its grid, and ||P||.
+class BlockGradient(NamedTuple):
+    """The gradient of a layer's training bound with respect to its weight, factored: zero
+    except in row-group ``group`` of ``weight.reshape(-1, rows, cols)``, where it is
+    ``left @ right`` (``left``: rows x r, ``right``: r x cols). A max over groups and
+    frequencies has the gradient of its argmax, so only one small block is ever non-zero."""
+
+    group: int
+    left: torch.Tensor
+    right: torch.Tensor
+
+
+def _subgrid(geom: ConvGeometry, n: Sequence[int]) -> tuple[ConvGeometry, tuple[int, ...], float]:
+    """The zero-padded geometry the bound is taken on, its polyphase subgrid, and ||P||.
 
     Non-zero padding modes are bounded as ||P|| times the valid conv on the padded input, as in
     :func:`conv.conv_bound`.
@@ -42,62 +54,81 @@ def _stacked(geom: ConvGeometry, n: Sequence[int]) -> tuple[torch.Tensor, tuple[
         geom = ConvGeometry(geom.weight, geom.groups, geom.stride, geom.dilation,
                             tuple((0, 0) for _ in geom.pads), "zeros")
     grid = zero_padded_grid(geom, n)
-    sub = tuple(m // s for m, s in zip(grid, geom.stride))
-    return phase_stack(geom.dilated_weight(), geom.groups, geom.stride), sub, factor
+    return geom, tuple(m // s for m, s in zip(grid, geom.stride)), factor
 
 
 @torch.no_grad()
 def peak(geom: ConvGeometry, n: Sequence[int]) -> Peak:
     """The block that attains the FFT bound, found over the whole spectrum without autograd."""
-    stacked, sub, factor = _stacked(geom, n)
+    geom, sub, factor = _subgrid(geom, n)
+    stacked = phase_stack(geom.dilated_weight(), geom.groups, geom.stride)
     group, freq, norm = _argmax_block(stacked.detach(), sub)
     return Peak(group, freq, factor, norm * factor)
 
 
-def block_norm(geom: ConvGeometry, n: Sequence[int], at: Peak,
-               start: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The 2-norm of one per-frequency block (times ||P||), differentiable in ``geom.weight``,
-    and the singular vector found (pass it back as ``start`` on the next step: warm start).
+@torch.no_grad()
+def peak_map(geom: ConvGeometry, n: Sequence[int], at: Peak) -> torch.Tensor:
+    """The block at ``at`` as a linear map of one group's kernel: a real (taps, 2P) matrix M with
 
-    Computed by an explicit DFT of the kernel at that frequency only, so a training step never
-    runs a backward pass through the full FFT (the gradient of a max is that of its argmax).
+        block = view_as_complex((W_g.reshape(Cout_g * Cin_g, taps) @ M).reshape(Cout_g, Cin_g * P, 2))
+
+    (P = prod(stride) phases). Tap t sits at dilated position p = dilation * t, in phase
+    p mod stride at phase-tap p // stride, which contributes exp(-2 pi i f.(p // stride) / sub)
+    to its phase's column; taps past the subgrid wrap, and exp is periodic, so they need nothing.
     """
-    stacked, sub, factor = _stacked(geom, n)
-    taps = [torch.arange(k, device=stacked.device, dtype=torch.float64) for k in stacked.shape[3:]]
-    phase = sum(  # -2 pi f.t / n on the kernel's taps (taps past the grid wrap: exp is periodic)
-        (-2 * math.pi * f / m) * t.reshape([-1 if i == j else 1 for j in range(len(sub))])
-        for i, (f, m, t) in enumerate(zip(at.freq, sub, taps))
-    )
-    e = torch.polar(torch.ones_like(phase), phase).to(_complex(stacked.dtype))
-    block = (stacked[at.group] * e).sum(dim=tuple(range(2, stacked.dim() - 1)))  # (Cout_g, Cin_g * P)
-    if min(block.shape) == 1:
-        return torch.linalg.vector_norm(block) * factor, None
-    # The value only carries the gradient (callers add the exact bound as a constant), so a
-    # power iteration on the tiny Gram matrix is enough, and keeps LAPACK out of every step:
-    # its thread pool then competes with the convolutions' on small CPUs. Warm-started from the
-    # previous step's vector, a few iterations do (the peak's block changes little per step).
-    a = block.detach()
+    _, sub, _ = _subgrid(geom, n)
+    taps = torch.cartesian_prod(*(torch.arange(k) for k in geom.kernel_size)).reshape(-1, geom.ndim)
+    pos = taps * torch.tensor(geom.dilation)
+    stride = torch.tensor(geom.stride)
+    phase, tq = pos % stride, pos // stride
+    place = torch.tensor([math.prod(geom.stride[i + 1:]) for i in range(geom.ndim)])
+    column = (phase * place).sum(1)  # phase index in phase_stack's (row-major) order
+    angle = (tq.double() * torch.tensor([-2 * math.pi * f / m for f, m in zip(at.freq, sub)])).sum(1)
+    m = torch.zeros(len(taps), math.prod(geom.stride), 2, dtype=torch.float64)
+    m[torch.arange(len(taps)), column, 0] = torch.cos(angle)
+    m[torch.arange(len(taps)), column, 1] = torch.sin(angle)
+    return m.reshape(len(taps), -1).to(dtype=geom.weight.dtype, device=geom.weight.device)
+
+
+@torch.no_grad()
+def peak_gradient(weight: torch.Tensor, groups: int, phases: torch.Tensor, at: Peak,
+                  start: Optional[torch.Tensor] = None) -> tuple[float, BlockGradient, Optional[torch.Tensor]]:
+    """The norm of the block at ``at`` for the current kernel (times ||P||), its gradient with
+    respect to the kernel, and the singular vector found (pass it back as ``start``: warm start).
+
+    ``phases`` is :func:`peak_map`'s matrix. With the block's top singular pair A v = sigma u,
+    d sigma = Re(u^H dA v) = Re<H, dA> for H = u v^H; pulled back through the linear map M
+    this is ``view_as_real(H) @ M^T``. Never a full FFT, and no autograd graph: a training step
+    spends a few small kernels per layer on it.
+    """
+    cout_g, cin_g = weight.shape[0] // groups, weight.shape[1]
+    phases_n = phases.shape[1] // 2
+    pairs = weight.reshape(groups, cout_g * cin_g, -1)[at.group] @ phases  # (rows, 2P): Re, Im
+    if cout_g == 1 or cin_g * phases_n == 1:
+        # a row or a column: the 2-norm is the Frobenius norm, and H = A / sigma
+        sigma = float(torch.linalg.vector_norm(pairs))
+        left = pairs * (at.factor / sigma) if sigma > 0 else torch.zeros_like(pairs)
+        return sigma * at.factor, BlockGradient(at.group, left, phases.T), None
+    block = torch.view_as_complex(pairs.reshape(cout_g, cin_g * phases_n, 2))
     right = block.shape[1] <= block.shape[0]
-    gram = a.mH @ a if right else a @ a.mH
+    gram = block.mH @ block if right else block @ block.mH
     cold = start is None or start.shape != (gram.shape[0], 1) or start.dtype != gram.dtype or start.device != gram.device
-    v = torch.ones(gram.shape[0], 1, dtype=gram.dtype, device=gram.device) if cold else start
-    with torch.no_grad():
-        for _ in range(_GRAD_ITERS if cold else _WARM_ITERS):
-            v = gram @ v
-            v = v / torch.linalg.vector_norm(v).clamp_min(1e-30)
-    return torch.linalg.vector_norm(block @ v if right else v.mH @ block) * factor, v
+    vec = torch.ones(gram.shape[0], 1, dtype=gram.dtype, device=gram.device) if cold else start
+    # the peak's block changes little per step: warm-started, a few iterations do
+    for _ in range(_GRAD_ITERS if cold else _WARM_ITERS):
+        vec = gram @ vec
+        vec = vec / torch.linalg.vector_norm(vec).clamp_min(1e-30)
+    other = block @ vec if right else block.mH @ vec
+    sigma = float(torch.linalg.vector_norm(other))
+    other = other / max(sigma, 1e-30)
+    u, v = (other, vec) if right else (vec, other)
+    h = (u @ v.mH).reshape(cout_g * cin_g, phases_n)
+    left = torch.view_as_real(h).reshape(cout_g * cin_g, 2 * phases_n) * at.factor
+    return sigma * at.factor, BlockGradient(at.group, left, phases.T), vec
 
 
 _GRAD_ITERS = 30
 _WARM_ITERS = 3
-
-
-def fft_bound(geom: ConvGeometry, n: Sequence[int]) -> torch.Tensor:
-    """max over frequencies of the per-frequency block norm (the circulant-embedding bound,
-    polyphase when strided), differentiable in ``geom.weight``."""
-    at = peak(geom, n)
-    grad, _ = block_norm(geom, n, at)
-    return grad + (at.value - grad.detach())
 
 
 @torch.no_grad()
@@ -108,13 +139,12 @@ def tap_drift(change: torch.Tensor, groups: int) -> float:
     Each block is A(f) = sum_t W_t e^{-i f.t} (phases only regroup taps), so
     ||dA(f)|| <= sum_t ||dW_t|| at every frequency, and the block norm moves by at most that.
     """
-    c = change.detach().to(torch.float64)
-    per_tap = c.reshape(groups, c.shape[0] // groups, c.shape[1], -1).square().sum((1, 2)).sqrt()
-    return float(per_tap.sum(1).max())
-
-
-def _complex(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
+    c = change.reshape(groups, -1, math.prod(change.shape[2:]))
+    if c.shape[1] == 1:  # one row per group (depthwise): sum of |taps|
+        per_group = torch.linalg.vector_norm(c, ord=1, dim=(1, 2), dtype=torch.float64)
+    else:
+        per_group = torch.linalg.vector_norm(c, dim=1, dtype=torch.float64).sum(1)
+    return float(per_group.amax())
 
 
 @torch.no_grad()
