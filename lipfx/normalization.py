@@ -495,10 +495,30 @@ def normalize(
         parametrize.register_parametrization(module, attr, p)
         if report is not None:
             report.add(name, "normalized", p.extra_repr())
-    if batched and _prepare_hook not in gm._forward_pre_hooks.values():
-        gm.register_forward_pre_hook(_prepare_hook)
-        gm.register_forward_hook(_release_hook, always_call=True)
+    if batched:
+        enable_batching(gm)
     return gm
+
+
+def enable_batching(model: nn.Module) -> None:
+    """Compute all of ``model``'s normalized weights together when its training forward starts
+    (what ``normalize(batched=True)`` sets up; see there). Idempotent.
+
+    The forward hooks survive ``copy.deepcopy`` of a GraphModule (which drops forward hooks
+    itself) and ``lipfx.save``/``load``; ``lipfx.bake`` removes them.
+    """
+    if is_batched(model):
+        return
+    model.register_forward_pre_hook(_prepare_hook)
+    model.register_forward_hook(_release_hook, always_call=True)
+    copy_hooks = getattr(model, "_deepcopy_hooks", None)  # GraphModule runs these on its copies
+    if isinstance(copy_hooks, list) and enable_batching not in copy_hooks:
+        copy_hooks.append(enable_batching)
+
+
+def is_batched(model: nn.Module) -> bool:
+    """Whether :func:`enable_batching` is in effect on ``model`` itself."""
+    return _prepare_hook in model._forward_pre_hooks.values()
 
 
 def _first_normalizations(model: nn.Module) -> Iterator[tuple[LipschitzNormalization, torch.Tensor]]:

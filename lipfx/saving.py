@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from .bake import LIPFX_ATTRS, strip_parametrizations
 from .errors import LipfxError
-from .normalization import LipschitzNormalization
+from .normalization import LipschitzNormalization, enable_batching, is_batched
 
 FORMAT = "lipfx.model/1"
 PathLike = Union[str, "os.PathLike[str]"]
@@ -44,11 +44,12 @@ def save(net: nn.Module, path: PathLike) -> None:
             detached[name] = _detach(module)
     # a GraphModule pickles its code and submodules only: keep lipfx's attributes beside it
     attrs = {a: getattr(net, a) for a in LIPFX_ATTRS if hasattr(net, a)}  # a GraphModule deepcopy drops them
+    batched = [name for name, module in net.named_modules() if is_batched(module)]  # pickling drops hooks
     if not detached and not attrs:
         torch.save(out, path)  # nothing lipfx-specific: loads without lipfx
         return
     torch.save({"format": FORMAT, "lipfx_version": _version(), "module": out, "parametrizations": detached,
-                "attrs": attrs}, path)
+                "attrs": attrs, "batched": batched}, path)
 
 
 def load(path: PathLike, map_location: Union[str, torch.device, None] = None) -> nn.Module:
@@ -70,6 +71,8 @@ def load(path: PathLike, map_location: Union[str, torch.device, None] = None) ->
                     parametrize.register_parametrization(host, attr, p, unsafe=True)
         for attr, value in obj.get("attrs", {}).items():
             setattr(module, attr, value)
+        for name in obj.get("batched", []):
+            enable_batching(module.get_submodule(name))
         return module
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise LipfxError(f"{os.fspath(path)} holds a state_dict ({len(obj)} tensors), not a model: build the "

@@ -259,7 +259,7 @@ def test_gradient_penalty_trains_through_the_normalization():
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-9), name
 
 
-def test_batched_forward_gives_the_per_layer_results():
+def test_batched_forward_gives_the_per_layer_results(tmp_path):
     """normalize(batched=True) computes all weights when the forward starts; training steps must
     give the very same weights and state as computing each weight at its layer, including a
     layer called twice in one forward and a forward that raises half-way."""
@@ -292,7 +292,14 @@ def test_batched_forward_gives_the_per_layer_results():
     with pytest.raises(RuntimeError):
         a(torch.randn(5, 3, 6, 6))  # wrong channel count: fails inside the graph
     assert all(p._prepared is None for _, _, p in normalized_layers(a))
-    copy.deepcopy(a)
+    # batching survives what drops forward hooks (GraphModule deepcopy, pickling), not bake
+    from lipfx.normalization import is_batched
+
+    assert is_batched(copy.deepcopy(a)) and not is_batched(copy.deepcopy(b))
+    lipfx.save(a, tmp_path / "a.pt")
+    assert is_batched(lipfx.load(tmp_path / "a.pt"))
+    baked = lipfx.bake(a)
+    assert not baked._forward_pre_hooks and not baked._forward_hooks and not baked._deepcopy_hooks
     a.train()
     with torch.no_grad():
         assert torch.equal(a(x), b.train()(x))
