@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from .errors import LipfxError
 from .layers import ChannelAffine, SeparableConv
+from .normalization import disable_batching
 
 LIPFX_ATTRS = ("lipfx_report", "lipfx_certificate")
 
@@ -38,12 +39,7 @@ def bake(net: nn.Module) -> nn.Module:
         if hasattr(out, attr):
             delattr(out, attr)
     for module in out.modules():  # normalize(batched=True)'s hooks would make loading need lipfx
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k, fn in hooks.items() if _is_lipfx(fn)]:
-                del hooks[key]
-                module._forward_hooks_always_called.pop(key, None)
-        if isinstance(getattr(module, "_deepcopy_hooks", None), list):
-            module._deepcopy_hooks[:] = [fn for fn in module._deepcopy_hooks if not _is_lipfx(fn)]
+        disable_batching(module)
     if isinstance(out, fx.GraphModule):
         _inline_channel_affine(out)
         # the tracer class is pickled with a GraphModule; lipfx's would make loading need lipfx
@@ -57,10 +53,6 @@ def bake(net: nn.Module) -> nn.Module:
     if leftover:
         raise LipfxError(f"cannot bake lipfx modules outside a torch.fx graph: {leftover}")
     return out
-
-
-def _is_lipfx(fn: object) -> bool:
-    return getattr(fn, "__module__", "").startswith("lipfx")
 
 
 def _unparametrize(module: nn.Module) -> None:

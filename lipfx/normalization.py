@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 from .errors import LipfxError
 from .layers import ChannelAffine, SeparableConv
 from .norms.conv import conv_bound, grouped_matrix_norm
-from .norms.estimators import grouped_power_iteration
+from .norms.estimators import grouped_power_iteration, power_steps
 from .norms.geometry import ConvGeometry, conv_geometry
 from .norms.training import BlockGradient, Peak, peak, peak_gradient, peak_map, tap_drift
 from .passes.report import ConversionReport
@@ -222,25 +222,13 @@ class MatrixNormalization(LipschitzNormalization):
     def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
         """Warm-started power iteration per group, stopped when every group's residual
         ||A^T A v - sigma^2 v|| <= eps sigma^2; sigma = ||A v|| with gradient u v^T."""
-        a = self._matrices(weight)
-        v = self.v.to(a.dtype, copy=True)  # the gradient keeps this v; self.v moves on below
-        for it in range(self.max_iter):
-            x = torch.bmm(a, v.unsqueeze(-1)).squeeze(-1)
-            sigma = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-            u = x / sigma.clamp_min(torch.finfo(a.dtype).tiny)
-            y = torch.bmm(u.unsqueeze(1), a).squeeze(1)  # A^T u, so y - sigma v = residual / sigma
-            residual = torch.linalg.vector_norm(y - sigma * v, dim=-1, keepdim=True)
-            norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-            nxt = torch.where(norm_y > 0, y / norm_y, v)  # a zero group keeps its vector
-            if it == self.max_iter - 1 or bool((residual <= self.eps * sigma).all()):
-                break  # sigma, u belong to this v: the gradient below is theirs
-            v = nxt
-        self.v.copy_(nxt)
-        group = int(sigma.argmax()) if self.groups > 1 else 0
-        value = float(sigma[group])
+        steps = power_steps(self._matrices(weight), self.v, self.eps, self.max_iter)
+        self.v.copy_(steps.next)
+        group = int(steps.sigma.argmax()) if self.groups > 1 else 0
+        value = float(steps.sigma[group])
         if not gradient:
             return TrainBound(value, None)
-        return TrainBound(value, BlockGradient(group, u[group].unsqueeze(1), v[group].unsqueeze(0)))
+        return TrainBound(value, BlockGradient(group, steps.u[group].unsqueeze(1), steps.v[group].unsqueeze(0)))
 
     @torch.no_grad()
     def prime(self, weight: torch.Tensor, iters: int = _PRIME_ITERS) -> None:
@@ -514,6 +502,17 @@ def enable_batching(model: nn.Module) -> None:
     copy_hooks = getattr(model, "_deepcopy_hooks", None)  # GraphModule runs these on its copies
     if isinstance(copy_hooks, list) and enable_batching not in copy_hooks:
         copy_hooks.append(enable_batching)
+
+
+def disable_batching(model: nn.Module) -> None:
+    """Undo :func:`enable_batching` on ``model``: each weight is computed at its layer again."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, fn in hooks.items() if fn in (_prepare_hook, _release_hook)]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
+    copy_hooks = getattr(model, "_deepcopy_hooks", None)
+    if isinstance(copy_hooks, list) and enable_batching in copy_hooks:
+        copy_hooks.remove(enable_batching)
 
 
 def is_batched(model: nn.Module) -> bool:

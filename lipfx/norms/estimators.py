@@ -72,6 +72,41 @@ def operator_norm(
     return sigma
 
 
+class PowerSteps(NamedTuple):
+    """Where :func:`power_steps` stopped, per group."""
+
+    sigma: torch.Tensor  # (G,) ||A v||: an estimate from below
+    u: torch.Tensor  # (G, m) A v / sigma
+    v: torch.Tensor  # (G, n) the unit vector sigma and u belong to (d sigma / dA = u v^T)
+    next: torch.Tensor  # (G, n) the following iterate: the warm start for the next call
+    iterations: int
+
+
+@torch.no_grad()
+def power_steps(matrices: torch.Tensor, v: torch.Tensor, eps: float = 0.01, max_iter: int = 100,
+                relative: bool = True) -> PowerSteps:
+    """Warm-started power iteration on a batch of matrices (G, m, n) from vectors ``v`` (G, n),
+    without autograd, until every group's residual ||A^T A v - sigma^2 v|| is below ``eps`` --
+    relative to sigma^2 by default (the paper's rule made scale-free, so it means the same before
+    and after normalization), absolute with ``relative=False`` (the paper's rule as written).
+    """
+    a = matrices.detach()
+    v = _normalize_rows(v.to(a.dtype))  # a new tensor: the caller's state is not aliased
+    for it in range(1, max_iter + 1):
+        x = torch.bmm(a, v.unsqueeze(-1)).squeeze(-1)
+        sigma = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        u = x / sigma.clamp_min(torch.finfo(a.dtype).tiny)
+        y = torch.bmm(u.unsqueeze(1), a).squeeze(1)  # A^T u, so sigma (y - sigma v) is the residual
+        residual = sigma * torch.linalg.vector_norm(y - sigma * v, dim=-1, keepdim=True)
+        norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+        nxt = torch.where(norm_y > 0, y / norm_y, v)  # a zero group keeps its vector instead of collapsing to 0
+        done = residual <= eps * sigma.square() if relative else residual < eps
+        if it == max_iter or bool(done.all()):
+            break
+        v = nxt
+    return PowerSteps(sigma.squeeze(-1), u, v, nxt, it)
+
+
 def grouped_power_iteration(
     matrices: torch.Tensor,
     v: torch.Tensor,
@@ -79,29 +114,11 @@ def grouped_power_iteration(
     max_iter: int = 100,
     relative: bool = True,
 ) -> PowerIterationResult:
-    """Warm-started power iteration on a batch of matrices (one per group of a grouped layer).
-
-    ``matrices``: (G, m, n); ``v``: (G, n), the previous call's vectors. Iterates under no_grad
-    until every group's residual ||A^T A v - sigma^2 v|| is below ``eps`` -- relative to sigma^2
-    by default (the paper's rule made scale-free, so it means the same before and after
-    normalization), absolute with ``relative=False`` (the paper's rule as written) -- then
-    returns sigma = ||A v|| per group with gradients flowing into ``matrices``.
-    """
-    with torch.no_grad():
-        a = matrices.detach()
-        v = _normalize_rows(v.to(a.dtype))
-        it = 0
-        for it in range(1, max_iter + 1):
-            w = (a.transpose(1, 2) @ (a @ v.unsqueeze(-1))).squeeze(-1)
-            sigma2 = (v * w).sum(-1, keepdim=True)
-            residual = torch.linalg.vector_norm(w - sigma2 * v, dim=-1)
-            # a zero group (all-zero weights) keeps its vector instead of collapsing to 0
-            v = torch.where(torch.linalg.vector_norm(w, dim=-1, keepdim=True) > 0, _normalize_rows(w), v)
-            done = residual <= eps * sigma2.squeeze(-1).abs() if relative else residual < eps
-            if bool(done.all()):
-                break
-    sigma = torch.linalg.vector_norm((matrices @ v.unsqueeze(-1)).squeeze(-1), dim=-1)
-    return PowerIterationResult(sigma, v, it)
+    """:func:`power_steps`, then sigma = ||A v|| per group at the last iterate, with gradients
+    flowing into ``matrices`` (one matrix per group of a grouped layer)."""
+    steps = power_steps(matrices, v, eps, max_iter, relative)
+    sigma = torch.linalg.vector_norm((matrices @ steps.next.unsqueeze(-1)).squeeze(-1), dim=-1)
+    return PowerIterationResult(sigma, steps.next, steps.iterations)
 
 
 @torch.no_grad()
