@@ -12,6 +12,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
+from .ops.table import is_leaf
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -25,9 +26,9 @@ class _Tracer(fx.Tracer):
         self.failed_at: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        # lipfx modules whose forward fx cannot trace (shape-dependent reshapes) say so with
-        # `_lipfx_leaf = True` and have a certificate rule of their own
-        return (module_qualified_name in self.leaf_names or getattr(m, "_lipfx_leaf", False)
+        # a module type with its own op table entry (a user's rule, lipfx's Squeeze) stays one
+        # node: inlined, its rule would never be used
+        return (module_qualified_name in self.leaf_names or is_leaf(m)
                 or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -41,6 +42,18 @@ class _Tracer(fx.Tracer):
 
 def as_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def wrap_torch_layer(model: nn.Module) -> nn.Module:
+    """``nn.Sequential(model)`` when ``model`` is itself a layer the tracer keeps whole.
+
+    fx traces a root module through its forward (a bare Conv2d becomes F.conv2d on a get_attr
+    weight, which no pass or rule handles); wrapped, the layer is a called module like anywhere
+    else in a network.
+    """
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    torch_layer = type(model).__module__.startswith("torch.nn.modules") and not isinstance(model, containers)
+    return nn.Sequential(model) if torch_layer or is_leaf(model) else model
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:

@@ -1,14 +1,17 @@
-"""Whole-network Lipschitz certificates (MATH section 8).
+"""Whole-network Lipschitz certificates (docs/math.md, section 8).
 
 Public API:
 - :func:`certificate` -> :class:`Certificate` (bound, per-node records, ``unbounded``,
   ``critical_path()``, ``to_json()``);
-- :func:`register_module_rule`, :func:`register_function_rule`, :func:`register_method_rule`
-  to teach it new ops (a rule returns a :class:`Step` or raises :class:`Unbounded`).
+- the per-op rules live in the op table (:mod:`lipfx.ops`); :func:`register_module_rule`,
+  :func:`register_function_rule` and :func:`register_method_rule` are its decorator forms
+  (a rule returns a :class:`Step` or raises :class:`Unbounded`).
 """
 
-from .certificate import Certificate, Culprit, NodeRecord, certificate
-from .registry import NodeContext, Step, Unbounded, register_function_rule, register_method_rule, register_module_rule
+from ..ops.context import NodeContext, Step, Unbounded
+from ..ops.table import register_function_rule, register_method_rule, register_module_rule
+from .certificate import certificate
+from .records import Certificate, Culprit, NodeRecord
 
 __all__ = [
     "certificate",

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..norms.conv import matrix_norm
-from .registry import Step, numel
+from ..ops.context import Step, numel
 
 DENSE_MAX = 2**22  # largest (output numel x input numel) handled densely: 2048 x 2048
 

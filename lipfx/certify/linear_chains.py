@@ -19,13 +19,10 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import ChannelAffine
 from ..norms.conv import conv_bound, matrix_norm
-from ..norms.geometry import ConvGeometry, conv_geometry
-from ..passes.batchnorm import eval_scale
+from ..norms.geometry import ConvGeometry
+from ..ops.table import lookup
 
 
 @dataclass(frozen=True)
@@ -146,33 +143,79 @@ def add(a: LinearMap, b: LinearMap, sign: float, in_size: tuple[int, ...], out_s
 
 def identity(channels: int, ndim: int) -> LinearMap:
     """The identity as a per-channel scale; it counts as no piece of a composition."""
-    return _diagonal(torch.ones(channels), ndim, None)
+    return diagonal(torch.ones(channels), ndim, None)
 
 
-def _diagonal(scale: torch.Tensor, ndim: int, name: Optional[str]) -> LinearMap:
+def diagonal(scale: torch.Tensor, ndim: int, name: Optional[str]) -> LinearMap:
+    """x -> scale * x per channel (dim 1), as a grouped 1x1 conv; ``name`` the module it comes from."""
     w = scale.detach().double().reshape((-1, 1) + (1,) * ndim)
     layers = (name,) if name is not None else ()
     return LinearMap(w, w.shape[0], (1,) * ndim, ((0, 0),) * ndim, layers, len(layers))
 
 
-def module_map(module: nn.Module, name: str, in_shape: torch.Size) -> Optional[LinearMap]:
-    """The linear part of a module as a LinearMap, or None when it is not one lipfx composes."""
-    ndim = len(in_shape) - 2
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        geom = conv_geometry(module, name)
-        if geom.padding_mode != "zeros" or geom.ndim != ndim:
-            return None
-        return LinearMap(geom.dilated_weight().double(), geom.groups, geom.stride, geom.pads, (name,), 1)
-    if isinstance(module, nn.Linear) and ndim == 0:
-        return LinearMap(module.weight.detach().double(), 1, (), (), (name,), 1)
-    if isinstance(module, ChannelAffine):
-        return _diagonal(module.scale, ndim, name)
-    if isinstance(module, _BatchNorm) and not module.training and module.running_var is not None:
-        return _diagonal(eval_scale(module.running_var, module.weight, module.eps), ndim, name)
-    if isinstance(module, (nn.Identity, nn.Dropout)) and not module.training:
-        return identity(int(in_shape[1]), ndim) if len(in_shape) >= 2 else None
-    return None
-
-
 def sole_user(node: fx.Node) -> bool:
     return len(node.users) == 1
+
+
+@dataclass
+class Form:
+    """A linear map from ``source`` to a node; ``homogeneous``: it scales with its layers' scales."""
+
+    source: fx.Node
+    map: LinearMap
+    homogeneous: bool
+
+
+def linear_forms(modules: dict, order: list[fx.Node], shapes: dict, dependent: set) -> dict[fx.Node, Form]:
+    """The composed linear map ending at each node (only maximal ones are kept)."""
+    forms: dict[fx.Node, Form] = {}
+    absorbed: set[fx.Node] = set()
+
+    def base(u: fx.Node) -> Optional[Form]:
+        return forms.get(u) if u in forms and sole_user(u) else None
+
+    for n in order:
+        if n not in dependent or not n.args or not isinstance(shapes.get(n), torch.Size):
+            continue
+        if n.op == "call_module":
+            u = n.args[0]
+            if not isinstance(u, fx.Node) or len(n.args) != 1 or n.kwargs or not isinstance(shapes.get(u), torch.Size):
+                continue
+            entry = lookup(type(modules[n.target]))
+            m = entry.linear_map(modules[n.target], n.target, shapes[u]) if entry and entry.linear_map else None
+            if m is None:
+                continue
+            b = base(u)
+            c = compose(m, b.map) if b is not None else None
+            if c is not None:
+                forms[n] = Form(b.source, c, b.homogeneous)
+                absorbed.add(u)
+            else:
+                forms[n] = Form(u, m, True)
+        elif n.op == "call_function" and _sum_sign(n.target) is not None and len(n.args) == 2 and not n.kwargs:
+            a, b_ = n.args
+            if not all(isinstance(x, fx.Node) and x in dependent and shapes.get(x) == shapes[n] for x in (a, b_)):
+                continue
+            parts = []
+            for x in (a, b_):
+                f = base(x)
+                if f is None:
+                    if len(shapes[x]) < 2:
+                        break
+                    f = Form(x, identity(int(shapes[x][1]), len(shapes[x]) - 2), True)
+                parts.append(f)
+            if len(parts) != 2 or parts[0].source is not parts[1].source:
+                continue
+            src = parts[0].source
+            summed = add(parts[0].map, parts[1].map, _sum_sign(n.target), tuple(shapes[src][2:]), tuple(shapes[n][2:]))
+            if summed is not None:
+                forms[n] = Form(src, summed, False)
+                absorbed.update(x for x in (a, b_) if x in forms)
+    return {n: f for n, f in forms.items() if n not in absorbed and f.map.pieces >= 2}
+
+
+
+
+def _sum_sign(target: object) -> Optional[float]:
+    entry = lookup(target)
+    return entry.sum_sign if entry is not None else None

@@ -1,15 +1,10 @@
-"""Per-op Lipschitz rules (MATH section 8), looked up by module type, function or method name.
+"""What a certificate rule sees and returns (docs/math.md, section 8).
 
 A rule sees one graph node through a :class:`NodeContext` and returns a :class:`Step`: how the
 node's bound follows from the bounds of its input-dependent inputs. Ops with no global Lipschitz
 constant raise :class:`Unbounded` with the reason. Nodes that do not depend on the network input
-(parameters, shapes, constants) never reach a rule: their bound is 0.
-
-New ops are one small rule each::
-
-    @register_module_rule(MyScale)
-    def _my_scale(ctx):
-        return Step.scale(abs(ctx.module.factor), "constant factor")
+(parameters, shapes, constants) never reach a rule: their bound is 0. Rules are pieces of the
+op table's entries (:mod:`lipfx.ops.table`).
 """
 
 from __future__ import annotations
@@ -21,6 +16,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.fx as fx
 from torch import nn
+
+from ..norms.spectral import RELATIVE_SLACK
 
 COMBINES = ("sum", "l2")
 
@@ -46,6 +43,11 @@ class Step:
     def scale(factor: float, method: str, linear: bool = False) -> "Step":
         """A one-input op with Lipschitz constant ``factor``."""
         return Step((float(factor),), method, linear=linear)
+
+    @staticmethod
+    def affine(factor: float, method: str) -> "Step":
+        """A one-input affine op with operator norm ``factor``."""
+        return Step((float(factor),), method, linear=True)
 
     @property
     def local(self) -> float:
@@ -119,49 +121,30 @@ class NodeContext:
 
 
 Rule = Callable[[NodeContext], Step]
-_MODULE_RULES: dict[type, Rule] = {}
-_FUNCTION_RULES: dict[Any, Rule] = {}
-_METHOD_RULES: dict[str, Rule] = {}
 
 
-def _registrar(table: dict, keys: tuple) -> Callable[[Rule], Rule]:
-    def deco(rule: Rule) -> Rule:
-        for key in keys:
-            table[key] = rule
-        return rule
-
-    return deco
+def constant(value: float, method: str, linear: bool = False) -> Rule:
+    """A rule for a one-input op whose constant does not depend on the call."""
+    return lambda ctx: Step((float(value),), method, linear=linear)
 
 
-def register_module_rule(*types: type) -> Callable[[Rule], Rule]:
-    """Register ``rule(ctx) -> Step`` for ``call_module`` nodes of these types (and subclasses)."""
-    return _registrar(_MODULE_RULES, types)
+def unbounded(reason: str) -> Rule:
+    """A rule for an op with no global Lipschitz constant."""
+
+    def rule(ctx: NodeContext) -> Step:
+        raise Unbounded(f"{ctx.label}: {reason}")
+
+    return rule
 
 
-def register_function_rule(*functions: Any) -> Callable[[Rule], Rule]:
-    """Register a rule for ``call_function`` nodes whose target is one of ``functions``."""
-    return _registrar(_FUNCTION_RULES, functions)
+def max_abs(t: torch.Tensor) -> float:
+    """max |t| rounded up by the certificate's relative slack (0 for an empty tensor)."""
+    return float(t.detach().abs().max()) * (1 + RELATIVE_SLACK) if t.numel() else 0.0
 
 
-def register_method_rule(*names: str) -> Callable[[Rule], Rule]:
-    """Register a rule for ``call_method`` nodes (``x.name(...)``)."""
-    return _registrar(_METHOD_RULES, names)
-
-
-def find_rule(node: fx.Node, module: Optional[nn.Module]) -> Optional[Rule]:
-    if node.op == "call_module":
-        for cls in type(module).__mro__:
-            if cls in _MODULE_RULES:
-                return _MODULE_RULES[cls]
-        return None
-    if node.op == "call_function":
-        try:
-            return _FUNCTION_RULES.get(node.target)
-        except TypeError:  # unhashable target
-            return None
-    if node.op == "call_method":
-        return _METHOD_RULES.get(node.target)
-    return None
+def as_tuple(value: Any, d: int) -> tuple:
+    """An int-or-sequence argument (kernel size, stride, ...) as a d-tuple."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * d
 
 
 def op_name(node: fx.Node, module: Optional[nn.Module]) -> str:

@@ -1,0 +1,64 @@
+"""What the certificate observes before any rule runs: which nodes depend on the network input,
+every node's shape, and the values of the nodes that do not depend on the input."""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is builtins.getattr:
+            return node.args[1] in _SHAPE_ATTRS
+        return node.target is builtins.len
+    return False
+
+
+def dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
+    dep: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or (
+            n.op != "get_attr" and not is_shape_query(n) and any(a in dep for a in n.all_input_nodes)
+        ):
+            dep.add(n)
+    return dep
+
+
+def shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.shape
+    if isinstance(value, (list, tuple)):
+        return tuple(shape_of(v) for v in value)
+    return None
+
+
+class Observer(fx.Interpreter):
+    """Runs the graph once: every node's shape, and the values of input-independent nodes."""
+
+    def __init__(self, gm: fx.GraphModule, dependent: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.dependent = dependent
+        self.shapes: dict[fx.Node, Any] = {}
+        self.constants: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.shapes[n] = shape_of(result)
+        if n not in self.dependent:
+            self.constants[n] = result
+        return result
+
+
+def flat_inputs(node: fx.Node, dependent: set[fx.Node]) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a))
+    return [a for a in found if a in dependent]

@@ -1,0 +1,138 @@
+"""The parametrization ``W -> W * scale / bound(W)`` shared by every layer kind.
+
+``scale = K`` (hard) or ``K * tanh(s)`` (soft, ``s`` learnable). Training mode computes the bound
+on every forward, outside autograd (:mod:`.rescale`). Eval mode computes the *certified* bound
+once, with a margin for float round-off in the rescaled weight, and caches the normalized weight
+until the parameters change: then every layer's norm is <= K exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import LipfxError
+from .rescale import Rescale, TrainBound
+
+SCALINGS = ("hard", "soft")
+
+
+class LipschitzNormalization(nn.Module):
+    """Parametrization ``W -> W * scale / bound(W)``; subclasses say how ``bound`` is computed.
+
+    Buffers (in the state_dict): ``K``; parameter ``s`` for soft scaling; subclasses add their
+    own state (the power-iteration vectors). Nothing depends on the input batch.
+    """
+
+    kind = "?"
+
+    def __init__(self, K: float, scaling: str = "hard", s_init: float = 3.0, name: str = "") -> None:
+        super().__init__()
+        if scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling {scaling!r}; choose from {SCALINGS}")
+        check_K(K, name)
+        self.scaling = scaling
+        self.name = name
+        # in the default dtype, so model.to(dtype) keeps it in the weights' dtype (no cast per step)
+        self.register_buffer("K", torch.tensor(float(K)))
+        self.s = nn.Parameter(torch.tensor(float(s_init))) if scaling == "soft" else None
+        self._cache_key: Optional[tuple] = None  # eval-mode factor and weight, see _eval_factor
+        self._cache_weight_key: Optional[tuple] = None
+        self._cache_weight: Optional[torch.Tensor] = None
+        self._cache_factor = 0.0
+        self._prepared: Optional[tuple] = None  # this forward's weight, see _prepare_hook
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
+        """The bound used in training mode (``weight`` detached), with its gradient if asked."""
+        raise NotImplementedError
+
+    def exact_bound(self, weight: torch.Tensor) -> float:
+        """Certified upper bound on the layer's norm (float64), used in eval mode."""
+        raise NotImplementedError
+
+    def rounding_terms(self, weight: torch.Tensor) -> float:
+        """c with ||op(E)|| <= c * u * ||op(W)|| for an entrywise relative error u in W."""
+        return 1.0
+
+    # -- the parametrization -----------------------------------------------------------------
+    def scale(self) -> torch.Tensor:
+        """The layer's constant: K (hard) or K * tanh(s) (soft)."""
+        k = self.K
+        if self.s is None:
+            return k
+        return k.to(self.s.dtype) * torch.tanh(self.s)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            prepared, self._prepared = self._prepared, None
+            if (prepared is not None and prepared[0] is weight and prepared[1] == weight._version
+                    and prepared[2] == torch.is_grad_enabled()):
+                return prepared[3]  # computed with every other layer's at the start of this forward
+            return self._train_forward(weight)
+        factor = self._eval_factor(weight)
+        needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (self.s is not None and self.s.requires_grad))
+        if needs_grad:
+            # The exact bound is a constant here: gradients reach W (and s), not through the bound.
+            return weight * (self.scale().to(weight.dtype) * factor)
+        if self._cache_weight is None or self._cache_weight_key != self._cache_key:
+            self._cache_weight = weight.detach() * (float(self.scale()) * factor)
+            self._cache_weight_key = self._cache_key
+        return self._cache_weight
+
+    @torch.compiler.disable  # python-side state and data-dependent steps: run eagerly
+    def _train_forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scale = self.scale()
+        needs_grad = torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)
+        bound = self.train_bound(weight.detach(), gradient=needs_grad)
+        value = max(bound.value, torch.finfo(weight.dtype).tiny)
+        if not needs_grad or bound.gradient is None:  # (None: an empty tensor, nothing to differentiate)
+            return weight * (scale.to(weight.dtype) / value)
+        return Rescale.apply(weight, scale, value, bound.gradient)
+
+    @torch.compiler.disable  # python-side cache and float64 certificates: run eagerly
+    def _eval_factor(self, weight: torch.Tensor) -> float:
+        """1 / (bound * (1 + delta)), recomputed only when the weight changed.
+
+        delta covers rounding the rescaled weight to its dtype: an entrywise relative error of
+        ~2u (scalar cast + product) moves the operator norm by at most rounding_terms * 2u.
+        """
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, self.K._version,
+               None if self.s is None else self.s._version)
+        if key != self._cache_key:
+            u = torch.finfo(weight.dtype).eps / 2
+            delta = 4 * u * (self.rounding_terms(weight) + 1)
+            bound = self.exact_bound(weight.detach())
+            # a zero operator stays zero (and 0 * 1/tiny would be 0 * inf = nan in float32)
+            self._cache_factor = 1.0 / (bound * (1 + delta)) if bound > 0 else 0.0
+            self._cache_key = key
+        return self._cache_factor
+
+    def clear_cache(self) -> None:
+        """Forget the eval-mode factor and weight (recomputed on the next eval forward)."""
+        self._cache_key = self._cache_weight = self._cache_weight_key = None
+        self._cache_factor = 0.0
+        self._prepared = None
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_prepared"] = None  # a non-leaf tensor of a running forward: never copied or pickled
+        return state
+
+    def constant(self) -> float:
+        """The current per-layer constant (K, or K * tanh(s))."""
+        return float(self.scale().detach())
+
+    def extra_repr(self) -> str:
+        k = f"K={float(self.K):.6g}"
+        scale = "hard" if self.s is None else f"soft K*tanh(s), s={float(self.s.detach()):.4g}"
+        return f"{k}, {scale}, bound={self.kind}"
+
+
+def check_K(K: object, name: str) -> None:
+    if isinstance(K, bool) or not isinstance(K, (int, float)) or not (0 < float(K) < math.inf):
+        where = f" for '{name}'" if name else ""
+        raise LipfxError(f"K{where} must be a positive finite number, got {K!r}")

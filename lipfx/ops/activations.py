@@ -1,0 +1,138 @@
+"""Entries for elementwise activations and softmax: their constants max |sigma'| (docs/math.md,
+section 8).
+
+Each constant is the numerically maximised derivative rounded *up*
+(tests/test_certify_rules.py re-derives every one). A constant shared by a module type, its
+functional form and its method is one entry with all of them as keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .context import NodeContext, Step, Unbounded, constant
+from .fuzzing import FuzzCase, apply, randn, unary
+from .table import OpEntry, table
+
+GELU = 1.12891  # max of Phi(x) + x phi(x), at x = sqrt(2)
+GELU_TANH = 1.12900  # the tanh approximation peaks slightly higher
+SILU = 1.09984  # x sigmoid(x), at x ~ 2.3994
+MISH = 1.08850
+SELU = 1.75810  # scale * alpha, the left limit at 0
+HARDSWISH = 1.5  # (2x + 3) / 6 at x -> 3
+HARDSIGMOID = 0.1666667  # 1/6, rounded up: torch computes the slope as float32(1/6)
+SIGMOID = 0.25
+SOFTMAX = 0.5  # ||diag(p) - p p^T|| <= 1/2
+
+_ONE = "activation: max|sigma'| = 1"
+_wide = unary((3, 8), (2, 3, 5, 4), scale=3.0)  # inputs spread over the activations' bends
+
+
+def _one_lipschitz_cases(key, g: torch.Generator) -> list[FuzzCase]:
+    name = key if isinstance(key, str) else getattr(key, "__name__", "")
+    args: tuple = ()
+    if name.startswith("clamp_min"):
+        args = (-0.5,)
+    elif name.startswith("clamp_max"):
+        args = (0.5,)
+    elif name.startswith(("clamp", "clip")):
+        args = (-0.5, 1.0)
+    return [FuzzCase(apply(key, *args), (randn(s, g, 3.0),), f"shape {s}") for s in ((3, 8), (2, 3, 5, 4))]
+
+
+def _softmax_cases(key, g: torch.Generator) -> list[FuzzCase]:
+    if isinstance(key, type):
+        call = apply(key) if key is nn.Softmax2d else apply(key, dim=-1)
+    else:
+        call = apply(key, dim=-1)
+    return [FuzzCase(call, (randn((2, 3, 4, 5), g, 3.0),), "softmax over the last dim")]
+
+
+def _gelu(approximate: str) -> Step:
+    if approximate == "tanh":
+        return Step.scale(GELU_TANH, "activation: GELU(tanh)' <= 1.1290")
+    return Step.scale(GELU, "activation: GELU' <= 1.1289")
+
+
+def _gelu_rule(ctx: NodeContext) -> Step:
+    return _gelu(ctx.module.approximate if ctx.module is not None else ctx.arg(1, "approximate", "none"))
+
+
+def _gelu_cases(key, g: torch.Generator) -> list[FuzzCase]:
+    kwargs = ({"approximate": a} for a in ("none", "tanh"))
+    return [FuzzCase(apply(key, **kw), (randn((3, 8), g, 3.0),), str(kw)) for kw in kwargs]
+
+
+def _leaky_rule(ctx: NodeContext) -> Step:
+    slope = ctx.module.negative_slope if ctx.module is not None else ctx.arg(1, "negative_slope", 0.01)
+    return Step.scale(max(1.0, abs(slope)), "activation: max(1, |slope|)")
+
+
+def _elu_rule(ctx: NodeContext) -> Step:
+    alpha = ctx.module.alpha if ctx.module is not None else ctx.arg(1, "alpha", 1.0)
+    return Step.scale(max(1.0, abs(alpha)), "activation: max(1, |alpha|)")
+
+
+def _with_parameter(name: str, values: tuple) -> callable:
+    def gen(key, g: torch.Generator) -> list[FuzzCase]:
+        return [FuzzCase(apply(key, **{name: v}), (randn((3, 8), g, 3.0),), f"{name}={v}") for v in values]
+
+    return gen
+
+
+def _prelu_rule(ctx: NodeContext) -> Step:
+    slope = float(ctx.module.weight.detach().abs().max())
+    return Step.scale(max(1.0, slope), "activation: max(1, max|slope|)")
+
+
+def _prelu_cases(key, g: torch.Generator) -> list[FuzzCase]:
+    out = []
+    for n, fill in ((1, 0.25), (3, -2.0)):
+        m = nn.PReLU(n)
+        with torch.no_grad():
+            m.weight.fill_(fill)
+        out.append(FuzzCase(m, (randn((2, 3, 4), g, 3.0),), f"PReLU({n}) slope {fill}"))
+    return out
+
+
+def _log_softmax_rule(ctx: NodeContext) -> Step:
+    # Jacobian I - 1 p^T: norm <= 1 + ||1|| ||p|| <= 1 + sqrt(n)
+    dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
+    if dim is None:
+        raise Unbounded(f"{ctx.label}: softmax without an explicit dim")
+    n = int(ctx.shape()[dim])
+    return Step.scale(1.0 + math.sqrt(n), "log-softmax: ||I - 1p^T|| <= 1 + sqrt(n)")
+
+
+def _fixed(keys: tuple, value: float, method: str, fuzz=_wide) -> OpEntry:
+    return OpEntry(keys, constant(value, method), fuzz, doc=method)
+
+
+ENTRIES = (
+    _fixed((nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink,
+            nn.CELU, torch.relu, F.relu, torch.relu_, F.relu_, F.relu6, F.hardtanh, torch.tanh, F.tanh,
+            F.softplus, F.softsign, F.logsigmoid, F.tanhshrink, F.celu, torch.clamp, torch.clip,
+            torch.clamp_min, torch.clamp_max, "relu", "relu_", "tanh", "tanh_", "clamp", "clamp_",
+            "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "clip", "clip_"), 1.0, _ONE, _one_lipschitz_cases),
+    _fixed((nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid", "sigmoid_"), SIGMOID, "activation: sigmoid' <= 1/4"),
+    _fixed((nn.SiLU, F.silu), SILU, "activation: SiLU' <= 1.0998"),
+    _fixed((nn.Mish, F.mish), MISH, "activation: Mish' <= 1.0885"),
+    _fixed((nn.SELU, F.selu, torch.selu), SELU, "activation: SELU' <= scale*alpha"),
+    _fixed((nn.Hardswish, F.hardswish), HARDSWISH, "activation: Hardswish' <= 3/2"),
+    _fixed((nn.Hardsigmoid, F.hardsigmoid), HARDSIGMOID, "activation: Hardsigmoid' <= 1/6"),
+    _fixed((nn.Softmax, nn.Softmin, nn.Softmax2d, F.softmax, torch.softmax, F.softmin, "softmax"), SOFTMAX,
+           "softmax: ||diag(p) - pp^T|| <= 1/2", _softmax_cases),
+    OpEntry((nn.GELU, F.gelu), _gelu_rule, _gelu_cases, doc="GELU' <= 1.1289 (tanh: 1.1290)"),
+    OpEntry((nn.LeakyReLU, F.leaky_relu, F.leaky_relu_), _leaky_rule,
+            _with_parameter("negative_slope", (0.01, 3.0, -2.0)), doc="max(1, |slope|)"),
+    OpEntry((nn.ELU, F.elu, F.elu_), _elu_rule, _with_parameter("alpha", (1.0, 2.5)), doc="max(1, |alpha|)"),
+    OpEntry((nn.PReLU,), _prelu_rule, _prelu_cases, doc="max(1, max|slope|)"),
+    OpEntry((nn.LogSoftmax, F.log_softmax, torch.log_softmax, "log_softmax"), _log_softmax_rule,
+            _with_parameter("dim", (-1, 1)), doc="1 + sqrt(n)"),
+)
+for _entry in ENTRIES:
+    table().add(_entry)

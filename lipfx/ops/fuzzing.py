@@ -1,0 +1,142 @@
+"""Fuzz generators for op table entries, and the check they feed.
+
+Each entry's ``fuzz(key, generator)`` returns legal calls of the op (:class:`FuzzCase`). The
+check (:func:`check_case`) certifies the call as a one-op network and compares the certificate
+with an independent lower bound on the true Lipschitz constant: the largest secant quotient
+``||f(x) - f(y)|| / ||x - y||`` over random pairs, evaluated without autograd; the op runs in
+float64 throughout (module, inputs and captured constants). A
+certificate below that quotient is unsound.
+
+Generators are built from a few helpers: :func:`apply` turns a key into a callable (a module
+type is instantiated with the arguments, a function or method is called with them after the
+inputs), :func:`unary` gives one-input calls at several shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .table import FuzzCase, Key, OpEntry, scoped, table
+
+SHAPES = ((3, 8), (2, 3, 5), (2, 3, 6, 5))
+
+
+def apply(key: Key, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+    """``key`` as a callable: a module instance, or a call with ``args`` after the inputs."""
+    if isinstance(key, type):
+        return key(*args, **kwargs)
+    if isinstance(key, str):
+        return lambda x, *rest: getattr(x, key)(*rest, *args, **kwargs)
+    return lambda *xs: key(*xs, *args, **kwargs)
+
+
+def randn(shape: Sequence[int], g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """float64, like everything the check runs (constants a generator captures included)."""
+    return scale * torch.randn(tuple(shape), generator=g, dtype=torch.float64)
+
+
+def unary(*shapes: Sequence[int], args: tuple = (), kwargs: Optional[dict] = None,
+          scale: float = 1.0) -> Callable[[Key, torch.Generator], list[FuzzCase]]:
+    """A generator of one-input calls ``key(x, *args, **kwargs)`` at each shape (default SHAPES)."""
+    shapes = shapes or SHAPES
+
+    def gen(key: Key, g: torch.Generator) -> list[FuzzCase]:
+        return [FuzzCase(apply(key, *args, **(kwargs or {})), (randn(s, g, scale),), f"shape {tuple(s)}")
+                for s in shapes]
+
+    return gen
+
+
+def cases(*builders: Callable[[Key, torch.Generator], FuzzCase]) -> Callable[[Key, torch.Generator], list[FuzzCase]]:
+    """A generator from one-case builders ``builder(key, g) -> FuzzCase``."""
+    return lambda key, g: [b(key, g) for b in builders]
+
+
+class Probe(nn.Module):
+    """A one-op network of one input: calls the case's op (as a submodule if it is one)."""
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        super().__init__()
+        if isinstance(forward, nn.Module):
+            self.op = forward
+        else:
+            self.fn = forward
+
+    def call(self, *xs: torch.Tensor) -> Any:
+        return self.op(*xs) if hasattr(self, "op") else self.fn(*xs)
+
+    def forward(self, x: torch.Tensor) -> Any:  # fx traces fixed arities only
+        return self.call(x)
+
+
+class Probe2(Probe):
+    """A one-op network of two inputs."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        return self.call(x, y)
+
+
+def _flat(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).double()
+    if isinstance(value, (list, tuple)):
+        parts = [_flat(v) for v in value]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return torch.zeros(0, dtype=torch.float64)
+
+
+@torch.no_grad()
+def secant_lower_bound(forward: Callable[..., Any], inputs: Sequence[torch.Tensor], g: torch.Generator,
+                       pairs: int = 24) -> float:
+    """max ||f(x) - f(y)|| / ||x - y|| over random pairs near and far, in float64, no autograd.
+
+    Each pair moves every input jointly (the certificate bounds the map from all inputs at once).
+    """
+    f = forward
+    xs = [x.double() for x in inputs]
+    best = 0.0
+    for i in range(pairs):
+        step = 10.0 ** (-3 + 3 * (i % 4) / 3)  # 1e-3 .. 1: local slopes and global secants
+        base = [x + torch.randn(x.shape, generator=g, dtype=torch.float64) * (i % 3) for x in xs]
+        moved = [b + step * torch.randn(b.shape, generator=g, dtype=torch.float64) for b in base]
+        dx = torch.linalg.vector_norm(torch.cat([(m - b).reshape(-1) for m, b in zip(moved, base)]))
+        fb, fm = _flat(f(*base)), _flat(f(*moved))
+        if fb.shape != fm.shape or dx == 0:
+            continue
+        best = max(best, float(torch.linalg.vector_norm(fm - fb) / dx))
+    return best
+
+
+def check_case(case: FuzzCase, g: torch.Generator) -> tuple[float, float]:
+    """(certificate, secant lower bound) of one case; raises AssertionError when unsound."""
+    from ..certify import certificate  # the walk imports the table: import it at call time
+
+    if len(case.inputs) not in (1, 2):
+        raise ValueError(f"{case.note}: fuzz cases take one or two inputs, got {len(case.inputs)}")
+    probe = (Probe if len(case.inputs) == 1 else Probe2)(case.forward).double().eval()
+    bound = certificate(probe, case.inputs).bound
+    lower = secant_lower_bound(probe, case.inputs, g)
+    if lower > bound * (1 + case.rtol) + 1e-12:
+        raise AssertionError(f"{case.note}: certificate {bound:.6g} < secant quotient {lower:.6g}")
+    return bound, lower
+
+
+def check_entry(entry: OpEntry, seed: int = 0) -> list[tuple[Key, float, float]]:
+    """Run every key's fuzz cases of ``entry`` through :func:`check_case`."""
+    if entry.fuzz is None:
+        raise ValueError(f"the op table entry for {entry.keys} has no fuzz generator")
+    out = []
+    g = torch.Generator().manual_seed(seed)
+    with scoped():
+        table().add(entry)  # certify with this entry's rule, whatever the table holds
+        for key in entry.keys:
+            for case in entry.fuzz(key, g):
+                try:
+                    bound, lower = check_case(case, g)
+                except AssertionError as exc:
+                    raise AssertionError(f"{key!r}: {exc}") from None
+                out.append((key, bound, lower))
+    return out

@@ -1,0 +1,85 @@
+"""The normalization pass: every weighted layer of a GraphModule gets its parametrization.
+
+Which parametrization a module gets is the ``normalization`` piece of its op table entry
+(:mod:`lipfx.ops.layers`); this pass only walks the graph, resolves K and registers them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+from torch.nn.utils import parametrize
+
+from ..errors import LipfxError
+from ..normalization.base import SCALINGS
+from ..normalization.batching import enable_batching
+from ..normalization.constants import KSpec, resolve_K, separable_parent
+from ..normalization.options import NormOptions
+from ..ops.table import lookup
+from ..tracing import input_shapes
+from .report import ConversionReport
+
+
+def normalize(
+    gm: fx.GraphModule,
+    K: KSpec = 1.0,
+    *,
+    scaling: str = "hard",
+    s_init: float = 3.0,
+    eps: float = 0.01,
+    refresh: float = 1e-3,
+    batched: bool = True,
+    report: Optional[ConversionReport] = None,
+) -> fx.GraphModule:
+    """Register a :class:`LipschitzNormalization` on every layer that ``gm``'s graph calls and
+    whose op table entry has a ``normalization`` piece (convs, linears, ChannelAffine). In place;
+    returns ``gm``.
+
+    ``gm`` needs ``node.meta['tensor_meta']`` (``lipfx.convert`` records it; otherwise run
+    ``lipfx.tracing.propagate_shapes``): spatial convs are bounded at their input resolution.
+
+    Args:
+        K: one constant for every layer, a dict of module-name patterns to constants (first
+            match wins; ``None`` leaves matching layers alone), or ``K(name, module)``.
+        scaling: ``"hard"`` (multiply by K) or ``"soft"`` (by K * tanh(s), s learnable).
+        s_init: initial s for soft scaling (Runkel et al.: 3 for K <= 20, 0.5 above).
+        eps: relative stopping tolerance of the power iteration.
+        refresh: for spatial convs in training, the relative kernel drift (bounded through the
+            taps) after which the FFT bound is searched over the whole spectrum again; in between
+            the bound is the last one plus the drift, still an upper bound, so a layer's norm
+            stays in [K / (1 + refresh), K]. Larger values mean fewer full searches.
+        batched: compute every normalized weight back to back when a training forward of
+            ``gm`` starts (forward hooks on ``gm``), instead of each just before its layer runs.
+            Same values and gradients; the bounds' small kernels then run together, before the
+            big convolutions have evicted their code and data from the caches, and their
+            backward runs together after the network's (MobileNetV2 on a 2-core CPU, batch 32:
+            1.022x instead of 1.033x the unnormalized step). With DistributedDataParallel this gives the weight gradients to the
+            all-reduce at the end of the backward instead of layer by layer; ``False`` keeps
+            them layer by layer. Calling a submodule of ``gm`` directly also computes its
+            weights one by one.
+    """
+    options = NormOptions(scaling, s_init, eps, refresh)
+    sizes = input_shapes(gm)
+    modules = dict(gm.named_modules())
+    for name, shapes in sizes.items():
+        module = modules[name]
+        entry = lookup(type(module))
+        if entry is None or entry.normalization is None:
+            continue
+        attr = entry.attribute
+        if parametrize.is_parametrized(module, attr):
+            raise LipfxError(f"layer '{name}' is already parametrized ({attr}); normalize it only once")
+        k = resolve_K(K, name, module, separable_parent(name, modules))
+        if k is None:
+            if report is not None:
+                report.add(name, "not-normalized", "K is None")
+            continue
+        p = entry.normalization(module, shapes, k, options, name)
+        parametrize.register_parametrization(module, attr, p)
+        if report is not None:
+            report.add(name, "normalized", p.extra_repr())
+    if batched:
+        enable_batching(gm)
+    return gm
+
