@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from .budget import fit_budget, fit_constants
+from .errors import ArgumentError
 from .normalization import KSpec, normalize as register_normalization
 from .passes import ConversionReport, fold_batchnorm, remove_batchnorm, rewrite_separable
 from .tracing import Inputs, propagate_shapes, trace
@@ -76,7 +77,7 @@ def convert(
         ``meta['tensor_meta']`` holds each node's shape for ``example_inputs``.
     """
     if bn not in BN_MODES + (None,):
-        raise ValueError(f"unknown bn mode {bn!r}; choose from {BN_MODES} or None")
+        raise ArgumentError(f"unknown bn mode {bn!r}; choose from {BN_MODES} or None")
     work = copy.deepcopy(model)
     if _is_torch_layer(work):
         # fx traces a root module through its forward (a bare Conv2d becomes F.conv2d on a

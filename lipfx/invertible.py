@@ -27,7 +27,7 @@ from torch import nn
 from .bake import bake
 from .certify import Step, certificate, register_module_rule
 from .convert import convert
-from .errors import LipfxError, ShapeError
+from .errors import ArgumentError, LipfxError, ShapeError
 from .tracing import Inputs, as_tuple, eval_mode, propagate_shapes
 
 LOGDET_METHODS = ("series", "roulette", "exact")
@@ -67,7 +67,7 @@ class InvertibleResidual(nn.Module):
                  eps: float = 0.01, refresh: float = 1e-3, leaf_modules: Sequence[str] = ()) -> None:
         super().__init__()
         if not 0 < coeff < 1:
-            raise ValueError(f"coeff must be in (0, 1) for an invertible block, got {coeff}")
+            raise ArgumentError(f"coeff must be in (0, 1) for an invertible block, got {coeff}")
         if example_inputs is None:
             raise TypeError("InvertibleResidual needs example_inputs: the certificate of the branch holds at the "
                             "input size it is computed for")
@@ -159,9 +159,9 @@ class InvertibleResidual(nn.Module):
                           "is in training mode, where forward uses the training-time bound: call .eval() so that "
                           "forward and inverse are the same map", RuntimeWarning, stacklevel=2)
         if not tol > 0:
-            raise ValueError(f"tol must be positive, got {tol}")
+            raise ArgumentError(f"tol must be positive, got {tol}")
         if not bool(torch.isfinite(y).all()):
-            raise ValueError("inverse of a non-finite input")
+            raise ArgumentError("inverse of a non-finite input")
         c = self.contraction()
         reference = self._cached[1]
         work = y.dtype if dtype is None else dtype
@@ -170,7 +170,7 @@ class InvertibleResidual(nn.Module):
         elif work == torch.float64:
             g = reference
         else:
-            raise ValueError(f"inverse in {work}: the branch is {_dtype(self.branch)}; use that or torch.float64")
+            raise ArgumentError(f"inverse in {work}: the branch is {_dtype(self.branch)}; use that or torch.float64")
         y = y.to(work)
         with eval_mode(g):
             x = y - g(y)
@@ -228,9 +228,9 @@ class InvertibleResidual(nn.Module):
         """
         self._check(x)
         if method not in LOGDET_METHODS:
-            raise ValueError(f"unknown logdet method {method!r}; choose from {LOGDET_METHODS}")
+            raise ArgumentError(f"unknown logdet method {method!r}; choose from {LOGDET_METHODS}")
         if gradient not in ("neumann", "backprop"):
-            raise ValueError(f"unknown gradient {gradient!r}; choose 'neumann' or 'backprop'")
+            raise ArgumentError(f"unknown gradient {gradient!r}; choose 'neumann' or 'backprop'")
         if method == "exact":
             return self._exact(x)
         coefs = _coefficients(method, n_terms, n_exact, p, x.device, generator)
@@ -262,7 +262,7 @@ class InvertibleResidual(nn.Module):
     def _exact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = math.prod(self.input_shape)
         if d > _EXACT_MAX_DIM:
-            raise ValueError(f"exact logdet needs a dense {d}x{d} Jacobian per sample; use method='series' or 'roulette'")
+            raise ArgumentError(f"exact logdet needs a dense {d}x{d} Jacobian per sample; use method='series' or 'roulette'")
         batch = x.shape[0]
         want_graph = torch.is_grad_enabled()
         with torch.enable_grad():
@@ -288,7 +288,7 @@ class Squeeze(nn.Module):
     def __init__(self, factor: int = 2) -> None:
         super().__init__()
         if factor < 1:
-            raise ValueError(f"factor must be >= 1, got {factor}")
+            raise ArgumentError(f"factor must be >= 1, got {factor}")
         self.factor = int(factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -436,12 +436,12 @@ def _coefficients(method: str, n_terms: int, n_exact: int, p: float, device: tor
     """Weights of the series terms k = 1, 2, ...: all 1 (truncated), or 1 / P(N >= k)."""
     if method == "series":
         if n_terms < 1:
-            raise ValueError(f"n_terms must be >= 1, got {n_terms}")
+            raise ArgumentError(f"n_terms must be >= 1, got {n_terms}")
         return [1.0] * n_terms
     if not 0 < p < 1:
-        raise ValueError(f"p must be in (0, 1), got {p}")
+        raise ArgumentError(f"p must be in (0, 1), got {p}")
     if n_exact < 1:
-        raise ValueError(f"n_exact must be >= 1, got {n_exact}")
+        raise ArgumentError(f"n_exact must be >= 1, got {n_exact}")
     # M ~ Geometric(p) on {0, 1, ...}: P(M >= m) = (1 - p)^m, N = n_exact + M
     u = torch.rand((), generator=generator, device=device if generator is not None else None).item()
     extra = int(math.floor(math.log1p(-u) / math.log1p(-p))) if u > 0 else 0
