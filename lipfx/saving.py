@@ -65,7 +65,7 @@ def load(path: PathLike, map_location: Union[str, torch.device, None] = None) ->
         raise
     except Exception as exc:  # torch.load's errors for other files vary (zip, pickle, EOF)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise LipfxError(f"cannot read {os.fspath(path)} as a model file (written by lipfx.save or torch.save): "
+        raise LipfxError(f"cannot read model file {os.fspath(path)} (not written by lipfx.save or torch.save?): "
                          f"{type(exc).__name__}: {text}") from exc
     if isinstance(obj, nn.Module):
         return obj
