@@ -1,6 +1,6 @@
 """lipfx: controlled and provable Lipschitz constants for PyTorch models."""
 
-from .errors import LipfxError, ShapeError, TraceError, UnsupportedModuleError
+from .errors import ArgumentError, LipfxError, ShapeError, TraceError, UnsupportedModuleError
 from . import ops
 from .certify import Certificate, certificate
 from .bake import bake
@@ -12,4 +12,6 @@ from . import invertible, robust
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "normalize", "normalized_layers", "set_constants", "bake", "save", "load", "robust", "invertible", "ops", "certificate", "Certificate", "layer_bound", "LipfxError", "ShapeError", "TraceError", "UnsupportedModuleError"]
+__all__ = ["convert", "normalize", "normalized_layers", "set_constants", "bake", "save", "load", "robust",
+           "invertible", "ops", "certificate", "Certificate", "layer_bound", "ArgumentError", "LipfxError",
+           "ShapeError", "TraceError", "UnsupportedModuleError"]

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from .certify import Certificate, certificate
-from .errors import LipfxError
+from .errors import ArgumentError, LipfxError
 from .normalization import normalized_layers
 from .passes.report import ConversionReport
 from .tracing import Inputs
@@ -64,7 +64,7 @@ def largest_within(value: Callable[[float], float], lipschitz: float) -> float:
 
 def _check_budget(lipschitz: float) -> None:
     if not lipschitz > 0 or math.isinf(lipschitz):
-        raise LipfxError(f"lipschitz must be a positive finite number, got {lipschitz}")
+        raise ArgumentError(f"lipschitz must be a positive finite number, got {lipschitz}")
 
 
 def _within(gm: fx.GraphModule, example_inputs: Inputs, method: str, lipschitz: float, chose: str) -> Certificate:

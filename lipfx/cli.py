@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import math
 import os
-import pickle
 import sys
 import time
 from typing import Iterator, Optional, Sequence
@@ -23,101 +21,13 @@ from .errors import LipfxError
 from .norms import layer_bound
 from .bake import bake
 from .normalization import normalized_layers
-from .saving import load, save
+from .models import MODEL_HELP, first_line as _first_line, load_model
+from .saving import save
 from .tracing import eval_mode
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit code 2."""
-
-
-MODEL_HELP = "torchvision:NAME, package.module:factory, or a saved model file (.pt)"
-
-
-def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
-    """``torchvision:NAME`` (random init), ``package.module:factory``, or a file written by
-    ``lipfx convert`` / ``lipfx.save`` / ``torch.save(model)``; then ``weights`` (a state_dict
-    file) loaded into it, if given."""
-    if os.path.exists(spec) or spec.endswith(_MODEL_SUFFIXES):
-        model = _read_model_file(spec)
-    elif ":" not in spec:
-        raise CliError(f"model {spec!r}: expected 'torchvision:NAME', 'package.module:factory' or a .pt file")
-    else:
-        model = _build(spec)
-    if weights is not None:
-        _load_weights(model, weights)
-    return model
-
-
-_MODEL_SUFFIXES = (".pt", ".pth", ".pkl")
-
-
-def _build(spec: str) -> nn.Module:
-    source, name = spec.split(":", 1)
-    if source == "torchvision":
-        try:
-            import torchvision
-        except ImportError as exc:
-            raise CliError("torchvision is not installed (pip install torchvision)") from exc
-        try:
-            return torchvision.models.get_model(name, weights=None)
-        except ValueError as exc:
-            raise CliError(f"unknown torchvision model {name!r}") from exc
-    try:
-        factory = getattr(importlib.import_module(source), name)
-    except (ImportError, AttributeError) as exc:
-        raise CliError(f"cannot import {spec!r}: {exc}") from exc
-    try:
-        model = factory()
-    except Exception as exc:
-        raise CliError(f"{spec}() failed: {_first_line(exc)}") from None
-    if not isinstance(model, nn.Module):
-        raise CliError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def _read_model_file(path: str) -> nn.Module:
-    if not os.path.isfile(path):
-        raise CliError(f"no such model file: {path}")
-    try:
-        return load(path, map_location="cpu")
-    except LipfxError as exc:
-        raise CliError(str(exc)) from None
-    except Exception as exc:  # torch.load's errors for damaged files vary (zip, pickle, EOF)
-        raise CliError(f"cannot read model file {path}: {_first_line(exc)}") from None
-
-
-def _load_weights(model: nn.Module, path: str) -> None:
-    if not os.path.isfile(path):
-        raise CliError(f"no such weights file: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
-        raise CliError(f"cannot read weights file {path}: not a state_dict of tensors (a saved whole "
-                       "model is given as MODEL instead)") from None
-    except Exception as exc:
-        raise CliError(f"cannot read weights file {path}: {_first_line(exc)}") from None
-    if isinstance(state, dict):  # common checkpoint layouts nest the state_dict
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CliError(f"weights file {path} holds no state_dict of tensors")
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        detail = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-        raise CliError(f"weights {path} do not fit the model: {detail[0] if detail else _first_line(exc)}") from None
-    if result.missing_keys or result.unexpected_keys:
-        parts = [f"{len(keys)} {what} (e.g. {keys[0]!r})" for what, keys in
-                 (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
-        raise CliError(f"weights {path} do not fit the model: {', '.join(parts)} keys")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -209,6 +119,10 @@ def _bounds(args: argparse.Namespace) -> None:
     model, shape, _ = _load(args)
     shapes = layer_input_shapes(model, shape)
     modules = dict(model.named_modules())
+    if args.quiet:  # one bound per line, in layer order
+        for name, s in shapes.items():
+            print(f"{layer_bound(modules[name], s, name=name):.6g}")
+        return
     print(f"{'layer':<32} {'input':>14} {'bound':>10}")
     for name, s in shapes.items():
         print(f"{name:<32} {'x'.join(map(str, s)):>14} {layer_bound(modules[name], s, name=name):10.4f}")
@@ -312,7 +226,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", default="3,224,224", help="one input without batch dim, e.g. 3,224,224")
     p.add_argument("--weights", metavar="FILE", help="a state_dict file to load into the model")
     p.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
-    p.add_argument("--quiet", action="store_true", help="no progress; print only the bound")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress; print only the bound (bounds: one per layer and line, in layer order)")
 
 
 def _conversion(p: argparse.ArgumentParser) -> None:
@@ -322,27 +237,32 @@ def _conversion(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="lipfx", description="Provable Lipschitz bounds for PyTorch models.")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="lipfx", description="Provable Lipschitz bounds for PyTorch models.",
+                                     formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"lipfx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("certify", help="sound Lipschitz bound of the whole network (lipfx.certificate)")
+    c = sub.add_parser("certify", help="sound Lipschitz bound of the whole network (lipfx.certificate)",
+                       description="sound Lipschitz bound of the whole network (lipfx.certificate)", formatter_class=fmt)
     _common(c)
     c.add_argument("--convert", action="store_true", help="run lipfx.convert first (exact rewrite)")
     c.add_argument("--K", type=float, help="convert and normalize every layer to norm K (implies --convert)")
     _conversion(c)
     c.add_argument("--json", metavar="FILE", help="also write the certificate as JSON")
     c.set_defaults(run=_certify)
-    v = sub.add_parser("convert", help="convert (and normalize) a model and save it (lipfx.convert, lipfx.save)")
+    v = sub.add_parser("convert", help="convert (and normalize) a model and save it (lipfx.convert, lipfx.save)",
+                       description="convert (and normalize) a model and save it (lipfx.convert, lipfx.save)", formatter_class=fmt)
     _common(v)
     v.add_argument("-o", "--output", required=True, metavar="OUT.pt", help="where to save the converted model")
-    v.add_argument("--K", type=float, help="per-layer constant K (default 1)")
+    v.add_argument("--K", type=float, help="per-layer constant K (None: 1)")
     v.add_argument("--lipschitz", type=float, metavar="L", help="global budget: scale all K so the network is <= L")
     v.add_argument("--scaling", choices=["hard", "soft"], default="hard", help="K, or K*tanh(s) with learnable s")
     v.add_argument("--no-normalize", action="store_true", help="the plain rewrite, without normalization")
     v.add_argument("--bake", action="store_true", help="save plain torch modules (loads without lipfx)")
     _conversion(v)
     v.set_defaults(run=_convert_command)
-    p = sub.add_parser("bounds", help="sound operator-norm bound of every conv and linear layer")
+    p = sub.add_parser("bounds", help="sound operator-norm bound of every conv and linear layer",
+                       description="sound operator-norm bound of every conv and linear layer", formatter_class=fmt)
     _common(p)
     p.set_defaults(run=_bounds)
     args = parser.parse_args(argv)

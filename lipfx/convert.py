@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
+import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .budget import fit_budget, fit_constants
+from .errors import ArgumentError, ShapeError
 from .normalization import KSpec, normalize as register_normalization
 from .passes import ConversionReport, fold_batchnorm, remove_batchnorm, rewrite_separable
-from .tracing import Inputs, propagate_shapes, trace
+from .tracing import Inputs, as_tuple, check_inputs, check_model, eval_mode, trace, wrap_torch_layer
 
 BN_MODES = ("fold", "remove")
 
@@ -75,13 +78,12 @@ def convert(
         was done to each layer, with the relative kernel error of low-rank rewrites. Node
         ``meta['tensor_meta']`` holds each node's shape for ``example_inputs``.
     """
+    check_model(model, "lipfx.convert")
+    check_inputs(example_inputs)
     if bn not in BN_MODES + (None,):
-        raise ValueError(f"unknown bn mode {bn!r}; choose from {BN_MODES} or None")
+        raise ArgumentError(f"unknown bn mode {bn!r}; choose from {BN_MODES} or None")
     work = copy.deepcopy(model)
-    if _is_torch_layer(work):
-        # fx traces a root module through its forward (a bare Conv2d becomes F.conv2d on a
-        # get_attr weight, which no pass or rule handles): keep the layer a called module
-        work = nn.Sequential(work)
+    work = wrap_torch_layer(work)
     gm = trace(work, leaf_modules)
     report = ConversionReport()
     if bn == "fold":
@@ -92,7 +94,7 @@ def convert(
         rewrite_separable(gm, separable, rank, report)
     gm.graph.lint()
     gm.recompile()
-    propagate_shapes(gm, example_inputs)
+    _propagate_shapes(gm, example_inputs, work)
     if normalize:
         register_normalization(gm, K, scaling=scaling, s_init=s_init, eps=eps, refresh=refresh,
                                batched=batched, report=report)
@@ -104,6 +106,41 @@ def convert(
     return gm
 
 
-def _is_torch_layer(model: nn.Module) -> bool:
-    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    return type(model).__module__.startswith("torch.nn.modules") and not isinstance(model, containers)
+class _Locate(fx.Interpreter):
+    """Runs the graph and remembers the node it failed at (ShapeProp prints a traceback instead)."""
+
+    failed_at: Optional[fx.Node] = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            return super().run_node(n)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = n
+            raise
+
+
+@torch.no_grad()
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: Inputs, model: nn.Module) -> None:
+    """``node.meta['tensor_meta']`` for every node (eval semantics); a ShapeError naming the node,
+    its module and the input shapes when the model does not run on ``example_inputs``."""
+    inputs = as_tuple(example_inputs)
+    prop = _Locate(gm)
+    try:
+        with eval_mode(gm):
+            prop.run(*inputs)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        n = prop.failed_at
+        if n is not None and n.op == "call_module":
+            where = f"module '{n.target}' ({type(gm.get_submodule(n.target)).__name__})"
+        elif n is not None:
+            where = f"node '{n.name}' ({getattr(n.target, '__name__', n.target)})"
+        else:
+            where = type(model).__name__
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise ShapeError(f"lipfx.convert: the model does not run on example_inputs of shape {shapes}: {where} failed "
+                         f"with {type(cause).__name__}: {text}") from exc
+    with eval_mode(gm):
+        ShapeProp(gm).propagate(*inputs)

@@ -17,3 +17,8 @@ class ShapeError(LipfxError, ValueError):
 
 class TraceError(LipfxError, RuntimeError):
     """A model that torch.fx cannot trace."""
+
+
+class ArgumentError(LipfxError, ValueError):
+    """An argument outside what the function accepts (a bad value, a bad combination, a
+    state_dict where a model is expected, ...). A ValueError, as such errors were before."""

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from .certify import Certificate, certificate as make_certificate
-from .errors import LipfxError, ShapeError
+from .errors import ArgumentError, LipfxError, ShapeError
 from .tracing import eval_mode
 
 METHODS = ("pairwise", "global")
-DEFAULT_EPS = (0.1, 0.25, 0.5, 36 / 255)
+DEFAULT_RADII = (0.1, 0.25, 0.5, 36 / 255)
+DEFAULT_EPS = DEFAULT_RADII  # the old name, kept for one release
 Data = Union[tuple[torch.Tensor, torch.Tensor], Iterable[Sequence[torch.Tensor]]]
 
 
@@ -39,7 +40,7 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _check_method(method: str) -> None:
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        raise ArgumentError(f"unknown method {method!r}; choose from {METHODS}")
 
 
 def _check_certificate(cert: Certificate, x: torch.Tensor) -> None:
@@ -134,7 +135,8 @@ def _radii(logits: torch.Tensor, y: Optional[torch.Tensor], cert: Certificate,
 
 @dataclass
 class RobustAccuracy:
-    """Clean accuracy and certified accuracy (radius >= eps) over a dataset."""
+    """Clean accuracy and certified accuracy (certified radius >= r, for each r in
+    ``certified``) over a dataset."""
 
     clean: float
     certified: dict[float, float]
@@ -146,29 +148,33 @@ class RobustAccuracy:
     def __str__(self) -> str:
         lines = [f"{self.n} inputs, network bound {self.bound:.4g}, {self.method} radii",
                  f"  clean accuracy       {self.clean:7.2%}"]
-        for eps, acc in self.certified.items():
-            lines.append(f"  certified @ eps={eps:<7.4g} {acc:7.2%}")
+        for r, acc in self.certified.items():
+            lines.append(f"  certified @ eps={r:<7.4g} {acc:7.2%}")  # label read by tests/test_recipes.py
         return "\n".join(lines)
 
 
 def certified_accuracy(
     model: nn.Module,
     data: Data,
-    eps: Sequence[float] = DEFAULT_EPS,
+    radius: Union[float, Sequence[float], None] = None,
     *,
     certificate: Optional[Certificate] = None,
     method: str = "pairwise",
     batch_size: int = 256,
     progress: Optional[bool] = None,
+    eps: Union[float, Sequence[float], None] = None,
 ) -> RobustAccuracy:
-    """Clean and certified accuracy at each ``eps`` over ``data``.
+    """Clean and certified accuracy at each l2 ``radius`` (one or several; default
+    :data:`DEFAULT_RADII`) over ``data``.
 
     ``data``: a pair of tensors ``(x, y)`` or an iterable of ``(x, y)`` batches (a DataLoader).
     The certificate is computed once, from the first batch's input shape. ``progress``: show
     a progress line on stderr (``None``: only on a terminal, once the run takes over 2 s).
+    ``eps``: the old name of ``radius`` (deprecated: a DeprecationWarning).
     """
     _check_method(method)
-    eps = tuple(float(e) for e in eps)
+    radius = _radius_argument("certified_accuracy", radius, eps, DEFAULT_RADII)
+    radii_at = (float(radius),) if isinstance(radius, (int, float)) else tuple(float(r) for r in radius)
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x_all, y_all = data
         if len(x_all) != len(y_all):
@@ -193,13 +199,13 @@ def certified_accuracy(
     show.close()
     if not radii:
         raise LipfxError("certified_accuracy: data is empty")
-    radius = torch.cat(radii)
+    radii = torch.cat(radii)
     right = torch.cat(correct)
-    n = len(radius)
+    n = len(radii)
     return RobustAccuracy(
         clean=float(right.double().mean()),
-        certified={e: float(((radius >= e) & right).double().sum() / n) for e in eps},
-        n=n, bound=cert.bound, method=method, radii=radius,
+        certified={r: float(((radii >= r) & right).double().sum() / n) for r in radii_at},
+        n=n, bound=cert.bound, method=method, radii=radii,
     )
 
 
@@ -227,28 +233,48 @@ class _Progress:
 def margin_loss(
     logits: torch.Tensor,
     y: torch.Tensor,
-    eps: float,
-    lipschitz: Union[float, torch.Tensor],
+    radius: Optional[float] = None,
+    lipschitz: Union[float, torch.Tensor, None] = None,
     temperature: float = 0.25,
+    *,
+    eps: Optional[float] = None,
 ) -> torch.Tensor:
     """Lipschitz-margin loss (Tsuzuku et al. 2018): cross-entropy of logits whose non-target
-    entries are raised by the largest change an ``eps`` perturbation could make, at a temperature.
+    entries are raised by the largest change a perturbation of l2 norm ``radius`` could make,
+    at a temperature.
 
     Args:
         logits: (batch, classes).
         y: labels.
-        eps: the l2 radius to train for.
-        lipschitz: the network's bound L (margin sqrt(2) * eps * L for every class), or a (C, C)
-            matrix of pairwise constants of f_i - f_j (margin eps * K[y, j]), e.g.
+        radius: the l2 radius to train for.
+        lipschitz: the network's bound L (margin sqrt(2) * radius * L for every class), or a
+            (C, C) matrix of pairwise constants of f_i - f_j (margin radius * K[y, j]), e.g.
             :func:`pairwise_lipschitz`.
         temperature: logits are divided by it before the softmax. Lipschitz-bounded logits
             span a small range, so a temperature below 1 is what makes the loss train.
+        eps: the old name of ``radius`` (deprecated: a DeprecationWarning).
     """
+    radius = _radius_argument("margin_loss", radius, eps, None)
+    if radius is None:
+        raise ArgumentError("margin_loss needs radius (the l2 radius to train for)")
+    if lipschitz is None:
+        raise ArgumentError("margin_loss needs lipschitz (the network's bound, or pairwise constants)")
     if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+        raise ArgumentError(f"temperature must be positive, got {temperature}")
     if isinstance(lipschitz, torch.Tensor) and lipschitz.dim() == 2:
-        margin = eps * lipschitz.to(logits)[y]
+        margin = radius * lipschitz.to(logits)[y]
     else:
-        margin = math.sqrt(2) * eps * float(lipschitz) * torch.ones_like(logits)
+        margin = math.sqrt(2) * radius * float(lipschitz) * torch.ones_like(logits)
     margin = margin.scatter(1, y[:, None], 0.0)
     return nn.functional.cross_entropy((logits + margin) / temperature, y)
+
+
+def _radius_argument(who: str, radius, eps, default):
+    """``radius``, or the deprecated ``eps`` with a DeprecationWarning; both is an error."""
+    if eps is not None:
+        if radius is not None:
+            raise ArgumentError(f"{who}: pass radius only (eps is its deprecated old name), not both")
+        warnings.warn(f"{who}(eps=...) is deprecated: the l2 radius is now called radius= "
+                      "(eps in lipfx is the power-iteration tolerance)", DeprecationWarning, stacklevel=3)
+        return eps
+    return default if radius is None else radius

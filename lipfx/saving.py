@@ -36,7 +36,7 @@ def save(net: nn.Module, path: PathLike) -> None:
     else is pickled as ``torch.save`` would (the model's classes must be importable to load it).
     """
     if not isinstance(net, nn.Module):
-        raise TypeError(f"lipfx.save expects an nn.Module, got {type(net).__name__}")
+        raise TypeError(f"lipfx.save expects an nn.Module, got {type(net).__name__}")  # kept a TypeError
     out = copy.deepcopy(net)
     detached: dict[str, dict[str, list[nn.Module]]] = {}
     for name, module in list(out.named_modules()):
@@ -55,10 +55,18 @@ def save(net: nn.Module, path: PathLike) -> None:
 def load(path: PathLike, map_location: Union[str, torch.device, None] = None) -> nn.Module:
     """Read a model written by :func:`save` or ``torch.save(model)``.
 
-    Raises :class:`LipfxError` for a file that holds no model (e.g. a state_dict: load it into
-    the model with ``load_state_dict``) and ``FileNotFoundError`` for a missing file.
+    Raises :class:`LipfxError` naming the file for a file that holds no model (e.g. a
+    state_dict: load it into the model with ``load_state_dict``) or is no torch file at all, and
+    ``FileNotFoundError`` for a missing file.
     """
-    obj = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as exc:  # torch.load's errors for other files vary (zip, pickle, EOF)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise LipfxError(f"cannot read model file {os.fspath(path)} (not written by lipfx.save or torch.save?): "
+                         f"{type(exc).__name__}: {text}") from exc
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, dict) and obj.get("format") == FORMAT:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -11,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import TraceError
+from .errors import ArgumentError, TraceError
 from .ops.table import is_leaf
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -109,3 +110,25 @@ def input_shapes(gm: fx.GraphModule) -> dict[str, list[tuple[int, ...]]]:
             seen.append(shape)
     return shapes
 
+
+def check_model(model: Any, who: str) -> None:
+    """An ArgumentError naming what ``model`` is when it is not an nn.Module."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, Mapping) and model and all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise ArgumentError(f"{who}: model is a state_dict ({len(model)} tensors, e.g. {next(iter(model))!r}), not an "
+                            "nn.Module: build the model and load it with model.load_state_dict(state_dict), then pass "
+                            "the model")
+    if isinstance(model, str):
+        raise ArgumentError(f"{who}: model is the string {model!r}; pass an nn.Module (for a CLI-style name such as "
+                            f"'torchvision:resnet18', 'package.module:factory' or a .pt file, build it with "
+                            f"lipfx.models.load_model({model!r}))")
+    raise ArgumentError(f"{who}: model must be an nn.Module, got {type(model).__name__}")
+
+
+def check_inputs(example_inputs: Any, who: str = "lipfx.convert") -> None:
+    """An ArgumentError unless ``example_inputs`` is a tensor or a non-empty tuple of tensors."""
+    items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(items, (tuple, list)) or not items or not all(isinstance(t, torch.Tensor) for t in items):
+        raise ArgumentError(f"{who}: example_inputs must be a tensor or a tuple of tensors (with batch dim), "
+                            f"got {type(example_inputs).__name__}")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import lipfx
-from lipfx.robust import DEFAULT_EPS, certified_accuracy, margin_loss
+from lipfx.robust import DEFAULT_RADII, certified_accuracy, margin_loss
 
 
 def synthetic(n: int, seed: int, shape=(1, 16, 16), classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--data", choices=["synthetic", "mnist", "cifar10"], default="synthetic")
     ap.add_argument("--root", default="data")
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--train-eps", type=float, default=0.5, help="l2 radius margin_loss trains for")
+    ap.add_argument("--train-radius", "--train-eps", dest="train_radius", type=float, default=0.5,
+                    help="l2 radius margin_loss trains for (--train-eps: the old name)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--plot", default="certified_accuracy.png")
     args = ap.parse_args()
@@ -81,7 +82,7 @@ def main() -> None:
         start, total = time.time(), 0.0
         for idx in torch.randperm(len(xtr)).split(args.batch):
             opt.zero_grad()
-            loss = margin_loss(net(xtr[idx]), ytr[idx], eps=args.train_eps, lipschitz=1.0)
+            loss = margin_loss(net(xtr[idx]), ytr[idx], radius=args.train_radius, lipschitz=1.0)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
@@ -89,8 +90,8 @@ def main() -> None:
     net.eval()
     cert = lipfx.certificate(net, xte[:1])
     print(f"final certificate: {cert.bound:.4f}")
-    eps = tuple(sorted(set(DEFAULT_EPS) | {0.0}))
-    result = certified_accuracy(net, (xte, yte), eps=eps, certificate=cert)
+    radii = tuple(sorted(set(DEFAULT_RADII) | {0.0}))
+    result = certified_accuracy(net, (xte, yte), radius=radii, certificate=cert)
     print(result)
     grid = torch.linspace(0, float(result.radii.max()) * 1.05 + 1e-3, 200)
     right = result.radii > 0

@@ -91,7 +91,7 @@ def main() -> None:
 
     with torch.no_grad():
         feats = flow(xte[:200])
-    info = flow.inverse(feats, tol=1e-3, return_info=True)
+    info = flow.inverse_with_info(feats, tol=1e-3)
     err = (info.x - xte[:200]).flatten(1).norm(dim=1)
     print(f"inverse of the features of 200 test images (tol 1e-3): certified error bound <= "
           f"{info.error_bound.max().item():.2e} (converged: {bool(info.converged.all())}); distance to the images "

@@ -97,7 +97,7 @@ def main() -> None:
 
     with torch.no_grad():
         y = flow(test)
-    info = flow.inverse(y, tol=1e-4, return_info=True)
+    info = flow.inverse_with_info(y, tol=1e-4)
     err = (info.x - test).norm(dim=1)
     # the bound is on the distance to the exact preimage of y; the original point differs from
     # it only by the forward pass's float32 rounding

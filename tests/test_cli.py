@@ -205,3 +205,32 @@ def test_bad_input_at_the_process_boundary(tmp_path):
         assert res.returncode == 2
         assert "Traceback" not in res.stderr
         assert res.stderr.strip().splitlines()[-1].startswith("lipfx: error:")
+
+
+def test_bounds_quiet_prints_only_the_bounds(capsys):
+    assert main(["bounds", "torchvision:squeezenet1_0", "--input-shape", "3,32,32"]) == 0
+    table = capsys.readouterr()
+    rows = [line.split() for line in table.out.splitlines()[1:]]
+    assert main(["bounds", "torchvision:squeezenet1_0", "--input-shape", "3,32,32", "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and "layer" not in quiet.out
+    values = [float(v) for v in quiet.out.split()]  # numbers only, one per layer
+    assert len(values) == len(rows) == len(quiet.out.splitlines())
+    assert values == pytest.approx([float(r[2]) for r in rows], rel=1e-3)
+
+
+@pytest.mark.parametrize("command", ["certify", "convert", "bounds"])
+def test_help_shows_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert exit_.value.code == 0
+    assert "(default: 3,224,224)" in out and "(default: 0)" in out  # --input-shape, --seed
+    if command != "bounds":
+        assert "(default: fold)" in out and "(default: exact)" in out  # --bn, --separable
+
+
+def test_unknown_torchvision_model_lists_close_matches(capsys):
+    assert main(["bounds", "torchvision:resnet19", "--input-shape", "3,32,32"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown torchvision model 'resnet19'" in err and "resnet18" in err

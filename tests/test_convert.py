@@ -262,3 +262,27 @@ class TestOrdinaryModule:
         net, _ = pair
         text = str(net.lipfx_report)
         assert "layer1.0.conv1" in text and "separable-exact" in text and "bn-folded" in text
+
+
+def test_bad_arguments_get_one_lipfx_error_naming_the_problem():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    with pytest.raises(lipfx.ShapeError, match=r"shape \(1, 3, 10, 10\): module '3' \(Linear\) failed"):
+        convert(model, torch.randn(1, 3, 10, 10))
+    with pytest.raises(lipfx.ShapeError, match=r"\(Conv2d\) failed.*3 channels"):
+        convert(model, torch.randn(1, 2, 8, 8))
+    with pytest.raises(lipfx.ArgumentError, match=r"state_dict \(4 tensors.*load_state_dict"):
+        convert(model.state_dict(), torch.randn(1, 3, 8, 8))
+    with pytest.raises(lipfx.ArgumentError, match=r"string 'torchvision:resnet19'; pass an nn.Module.*load_model"):
+        convert("torchvision:resnet19", torch.randn(1, 3, 8, 8))
+    with pytest.raises(lipfx.ArgumentError, match="example_inputs must be a tensor"):
+        convert(model, [1, 3, 8, 8])
+    with pytest.raises(ValueError, match="unknown bn mode"):  # an ArgumentError is still a ValueError
+        convert(model, torch.randn(1, 3, 8, 8), bn="drop")
+
+
+def test_model_names_resolve_and_unknown_ones_list_close_matches():
+    from lipfx.models import load_model
+
+    assert isinstance(load_model("torchvision:resnet18"), nn.Module)
+    with pytest.raises(lipfx.ArgumentError, match="unknown torchvision model 'resnet19'; did you mean .*resnet18"):
+        load_model("torchvision:resnet19")

@@ -256,8 +256,8 @@ def test_wrong_input_size_and_training_mode_inverse_are_reported():
         block.inverse(x.detach())
     with pytest.raises(ValueError, match=r"coeff must be in \(0, 1\)"):
         InvertibleResidual(branch(2), 1.0, x[:1].float())
-    with pytest.raises(TypeError, match="example_inputs"):
-        InvertibleResidual(branch(2), 0.9)
+    # no example_inputs: certified at every input size (see test_without_example_inputs_...)
+    assert InvertibleResidual(branch(2), 0.9).certified_at == "every input size"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         block.eval().inverse(x.detach())  # eval mode, reachable tol: silent
@@ -272,3 +272,56 @@ def test_certificate_traces_through_blocks_and_squeezes():
     assert math.isfinite(cert.bound)
     assert any("space-to-depth" in r.method for r in cert.records)
     assert empirical_lipschitz(flow, x.shape, starts=2, iters=30, ascent=30) <= cert.bound
+
+
+def _dense_lipschitz(g: nn.Module, shape: tuple, at: torch.Tensor = None) -> float:
+    """Largest singular value of g's Jacobian at ``at`` (zero by default), from the dense matrix."""
+    at = torch.zeros(1, *shape, dtype=torch.float64) if at is None else at
+    jac = torch.autograd.functional.jacobian(lambda z: g(z), at).reshape(math.prod(shape), math.prod(shape))
+    return float(torch.linalg.matrix_norm(jac, 2))
+
+
+def test_without_example_inputs_certifies_every_input_size():
+    torch.manual_seed(0)
+    # kernel a_t * M with a_t >= 0 and circular padding: the operator norm is the same at every
+    # size and equal to the triangle bound, so the contraction must be sound AND within 2%
+    conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular", bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.rand(3, 3, dtype=torch.float64)[None, None] * torch.randn(2, 2, 1, 1, dtype=torch.float64))
+    generic = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ELU(), nn.Conv2d(6, 2, 3, padding=1)).double()
+    for g, tight in ((conv, True), (generic, False)):
+        block = InvertibleResidual(g, 0.9).eval()
+        assert block.certified_at == lipfx.invertible.EVERY_SIZE and "certified_at=every input size" in repr(block)
+        c = block.contraction()
+        assert 0 < c <= 0.9
+        for size in (5, 11):
+            shape = (2, size, size)
+            x = torch.randn(3, *shape, dtype=torch.float64)
+            true = max(_dense_lipschitz(block.branch, shape, x[i:i + 1]) for i in range(len(x)))
+            assert true <= c * (1 + 1e-9), (size, true, c)
+            if tight:  # the check has teeth: a constant 2% smaller would fail it
+                assert 0.98 * c < true
+            y = block(x)  # any size is accepted, and inverted within the certified error
+            info = block.inverse_with_info(y, tol=1e-8)
+            assert bool(info.converged.all()) and float((info.x - x).flatten(1).norm(dim=1).max()) <= 1e-8
+    with pytest.raises(lipfx.ArgumentError, match="pass example_inputs"):
+        InvertibleResidual(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.AvgPool2d(3, 1, 1)), 0.9)
+    with pytest.raises(lipfx.ArgumentError, match="pass example_inputs"):
+        InvertibleResidual(nn.Sequential(nn.ELU(), nn.Conv2d(2, 2, 3, padding=1)), 0.9)
+    sized = InvertibleResidual(nn.Conv2d(2, 2, 3, padding=1), 0.9, torch.randn(1, 2, 6, 6))
+    assert sized.certified_at == (2, 6, 6) and "certified_at=2x6x6" in repr(sized)
+
+
+def test_inverse_with_info_is_typed_and_return_info_is_deprecated():
+    block, x = trained_block(2, 0.9)
+    flow = InvertibleSequential(block, Squeeze(2))
+    with torch.no_grad():
+        y = flow(x)
+    for m, z in ((flow, y), (block, x), (flow[1], y)):
+        info = m.inverse_with_info(z, tol=1e-6)
+        assert isinstance(info, lipfx.invertible.InverseResult)
+        plain = m.inverse(z, tol=1e-6)
+        assert isinstance(plain, torch.Tensor) and torch.equal(plain, info.x)
+        with pytest.warns(DeprecationWarning, match="inverse_with_info"):
+            old = m.inverse(z, tol=1e-6, return_info=True)
+        assert isinstance(old, lipfx.invertible.InverseResult) and torch.equal(old.x, info.x)

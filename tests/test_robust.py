@@ -35,7 +35,7 @@ def trained():
     net.train()
     for _ in range(150):
         opt.zero_grad()
-        margin_loss(net(x), y, eps=0.5, lipschitz=1.0).backward()
+        margin_loss(net(x), y, radius=0.5, lipschitz=1.0).backward()
         opt.step()
     net.eval()
     return net, made_up_data(300, seed=2)
@@ -115,7 +115,7 @@ def test_certificate_shape_must_match():
 
 def test_certified_accuracy_on_tensors_and_a_dataloader(trained):
     net, (x, y) = trained
-    res = certified_accuracy(net, (x, y), eps=(0.0, 0.1, 0.25, 0.5), batch_size=64)
+    res = certified_accuracy(net, (x, y), radius=(0.0, 0.1, 0.25, 0.5), batch_size=64)
     radius = certified_radius(net, x, y)
     assert res.n == len(x)
     assert res.clean == pytest.approx(float((net(x).argmax(1) == y).double().mean()))
@@ -124,7 +124,7 @@ def test_certified_accuracy_on_tensors_and_a_dataloader(trained):
     accs = list(res.certified.values())
     assert accs == sorted(accs, reverse=True) and accs[0] == pytest.approx(res.clean)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50)
-    again = certified_accuracy(net, loader, eps=(0.0, 0.1, 0.25, 0.5), progress=True)
+    again = certified_accuracy(net, loader, radius=(0.0, 0.1, 0.25, 0.5), progress=True)
     assert again.certified == pytest.approx(res.certified) and again.clean == pytest.approx(res.clean)
     assert "certified @ eps=0.25" in str(res)
 
@@ -146,3 +146,29 @@ def test_margin_loss():
     assert logits.grad is not None
     with pytest.raises(ValueError):
         margin_loss(logits, y, eps=0.1, lipschitz=1.0, temperature=0.0)
+
+
+def test_radius_is_the_name_and_eps_is_deprecated(trained):
+    net, (x, y) = trained
+    x, y = x[:64], y[:64]
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    new = margin_loss(logits, labels, radius=0.3, lipschitz=2.0)
+    with pytest.warns(DeprecationWarning, match="radius="):
+        old = margin_loss(logits, labels, eps=0.3, lipschitz=2.0)
+    assert float(old) == float(new)
+    assert float(margin_loss(logits, labels, 0.3, 2.0)) == float(new)  # positional: unchanged
+    with pytest.raises(lipfx.ArgumentError, match="not both"):
+        margin_loss(logits, labels, radius=0.3, eps=0.3, lipschitz=2.0)
+    with pytest.raises(lipfx.ArgumentError, match="needs radius"):
+        margin_loss(logits, labels, lipschitz=2.0)
+
+    res = certified_accuracy(net, (x, y), radius=(0.1, 0.25))
+    with pytest.warns(DeprecationWarning, match="radius="):
+        again = certified_accuracy(net, (x, y), eps=(0.1, 0.25))
+    assert again.certified == res.certified
+    one = certified_accuracy(net, (x, y), radius=0.25)  # a single radius
+    assert one.certified == {0.25: res.certified[0.25]}
+    with pytest.raises(lipfx.ArgumentError, match="not both"):
+        certified_accuracy(net, (x, y), radius=0.1, eps=0.1)
+    assert issubclass(lipfx.ArgumentError, ValueError) and issubclass(lipfx.ArgumentError, lipfx.LipfxError)

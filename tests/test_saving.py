@@ -105,3 +105,10 @@ def test_a_state_dict_file_is_not_a_model(tmp_path):
         lipfx.load(tmp_path / "sd.pt")
     with pytest.raises(FileNotFoundError):
         lipfx.load(tmp_path / "missing.pt")
+
+
+def test_a_file_that_is_no_model_names_the_file(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a torch file")
+    with pytest.raises(lipfx.LipfxError, match=r"cannot read model file .*notes\.pt.*UnpicklingError"):
+        lipfx.load(bad)

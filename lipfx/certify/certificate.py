@@ -19,11 +19,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import LipfxError
+from ..errors import ArgumentError, LipfxError
 from ..norms import METHODS
 from ..ops.context import NodeContext, Step, Unbounded, numel, op_name
 from ..ops.table import lookup
-from ..tracing import Inputs, as_tuple, eval_mode, trace, wrap_torch_layer
+from ..tracing import Inputs, as_tuple, check_inputs, check_model, eval_mode, trace, wrap_torch_layer
 from .dense import DENSE_MAX, linear_region, region_norm
 from .linear_chains import Form, linear_forms
 from .observe import Observer, dependent_nodes, flat_inputs
@@ -77,8 +77,10 @@ def certificate(
         A :class:`Certificate`. Its ``bound`` is ``inf`` when some op on the way to the output has
         no global Lipschitz constant; ``unbounded`` then names those nodes and why.
     """
+    check_model(model, "lipfx.certificate")
+    check_inputs(example_inputs, "lipfx.certificate")
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        raise ArgumentError(f"unknown method {method!r}; choose from {METHODS}")
     with eval_mode(model):
         gm = model if isinstance(model, fx.GraphModule) else trace(wrap_torch_layer(model), leaf_modules)
         gm.eval()
