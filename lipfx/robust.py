@@ -1,4 +1,4 @@
-"""Certified robustness from the certificate (MATH 9, Tsuzuku et al. 2018).
+"""Certified robustness from the certificate (docs/math.md, section 9; Tsuzuku et al. 2018).
 
 With logits f, label t and a network bound L, no l2 perturbation smaller than
     (f_t - max_{j != t} f_j) / (sqrt(2) L)

@@ -1,4 +1,4 @@
-"""Bound linear subgraphs as one operator (MATH sections 3 and 8).
+"""Bound linear subgraphs as one operator (docs/math.md, sections 3 and 8).
 
 A depthwise conv followed by its pointwise partner, a conv followed by an eval BatchNorm, a
 stack of linears with nothing between them, or a residual ``x + conv(x)`` are each a single

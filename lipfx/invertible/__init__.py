@@ -1,6 +1,6 @@
 """Invertible residual blocks (i-ResNet, Behrmann et al. 2019) with a certified contraction.
 
-``y = x + g(x)`` is invertible when Lip(g) < 1 (MATH 10). :class:`InvertibleResidual` converts
+``y = x + g(x)`` is invertible when Lip(g) < 1 (docs/math.md, section 10). :class:`InvertibleResidual` converts
 and normalizes ``g`` with a global budget (``lipfx.convert(..., lipschitz=coeff)``), so the
 chain rule with every layer at its constant stays <= coeff whatever training does to the weights;
 the constant it uses for inverses and error bounds is the *certificate* of g at its current

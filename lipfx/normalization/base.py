@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import LipfxError
+from ..errors import ArgumentError, LipfxError
 from .rescale import Rescale, TrainBound
 
 SCALINGS = ("hard", "soft")
@@ -32,7 +32,7 @@ class LipschitzNormalization(nn.Module):
     def __init__(self, K: float, scaling: str = "hard", s_init: float = 3.0, name: str = "") -> None:
         super().__init__()
         if scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling {scaling!r}; choose from {SCALINGS}")
+            raise ArgumentError(f"unknown scaling {scaling!r}; choose from {SCALINGS}")
         check_K(K, name)
         self.scaling = scaling
         self.name = name

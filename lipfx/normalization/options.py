@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ArgumentError
 from .base import SCALINGS
 
 
@@ -20,8 +21,8 @@ class NormOptions:
 
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling {self.scaling!r}; choose from {SCALINGS}")
+            raise ArgumentError(f"unknown scaling {self.scaling!r}; choose from {SCALINGS}")
         if not 0 < self.eps < 1:
-            raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+            raise ArgumentError(f"eps must be in (0, 1), got {self.eps}")
         if not self.refresh >= 0:
-            raise ValueError(f"refresh must be >= 0, got {self.refresh}")
+            raise ArgumentError(f"refresh must be >= 0, got {self.refresh}")

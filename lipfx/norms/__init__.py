@@ -1,4 +1,4 @@
-"""Operator-norm bounds of single layers (MATH sections 1-5).
+"""Operator-norm bounds of single layers (docs/math.md, sections 1-5).
 
 Public API:
 - :func:`layer_bound` -- sound upper bound on a layer's norm (dispatched through the op table,

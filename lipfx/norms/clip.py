@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..errors import ArgumentError
 from .conv import zero_padded_grid
 from .geometry import conv_geometry, describe
 from .spectral import fold_kernel, phase_stack
@@ -53,6 +54,6 @@ def clip_operator_norm(conv: nn.Module, input_shape: Sequence[int], max_norm: fl
         full[index] = spatial[:, :, p]
     ke = geom.effective_kernel
     if any(k > m for k, m in zip(ke, grid)):
-        raise ValueError(f"{label}: kernel extent {ke} exceeds the circulant grid {grid}; cannot clip")
+        raise ArgumentError(f"{label}: kernel extent {ke} exceeds the circulant grid {grid}; cannot clip")
     taps = full[(slice(None), slice(None)) + tuple(slice(0, k, dil) for k, dil in zip(ke, geom.dilation))]
     return taps.to(conv.weight.dtype).reshape(conv.weight.shape).clone()

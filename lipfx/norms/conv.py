@@ -1,4 +1,4 @@
-"""Sound operator-norm bounds for convolutions (MATH sections 1-3, 5).
+"""Sound operator-norm bounds for convolutions (docs/math.md, sections 1-3, 5).
 
 Each function returns an upper bound on the norm of the conv's linear part (bias ignored). The
 padding mode decides the argument:
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import ShapeError
+from ..errors import ArgumentError, ShapeError
 from .geometry import ConvGeometry, max_padding_multiplicity, padding_norm
 from .spectral import (
     RELATIVE_SLACK,
@@ -153,7 +153,7 @@ def singla_feizi_bound(geom: ConvGeometry) -> float:
 
 def _singla_feizi_core(geom: ConvGeometry) -> float:
     if geom.ndim != 2:
-        raise ValueError("the Singla-Feizi bound is defined for 2-D convolutions")
+        raise ArgumentError("the Singla-Feizi bound is defined for 2-D convolutions")
     w = geom.weight.detach().to(torch.float64)
     g = geom.groups
     cout, cin_g, h, wd = w.shape

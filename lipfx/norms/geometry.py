@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import ShapeError, UnsupportedModuleError
+from ..errors import ArgumentError, ShapeError, UnsupportedModuleError
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
@@ -162,7 +162,7 @@ def _source_index(mode: str, j: int, n: int) -> int:
         period = 2 * (n - 1)
         j = j % period if period else 0
         return j if j < n else period - j
-    raise ValueError(mode)
+    raise ArgumentError(mode)
 
 
 def max_padding_multiplicity(mode: str, lo: int, hi: int) -> int:

@@ -1,4 +1,4 @@
-"""Per-frequency analysis of convolutions on a circulant domain (MATH sections 1-3).
+"""Per-frequency analysis of convolutions on a circulant domain (docs/math.md, sections 1-3).
 
 Every bound here follows one argument: the layer's operator is a *restriction* of a circulant
 operator on some grid (rows dropped, zero-padded input embedded), so its norm is at most the

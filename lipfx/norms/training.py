@@ -1,4 +1,4 @@
-"""Conv-norm bounds and their gradients for training-time normalization (MATH sections 1-3).
+"""Conv-norm bounds and their gradients for training-time normalization (docs/math.md, sections 1-3).
 
 The certificate path (:mod:`lipfx.norms.conv`) works in float64 and proves its results. During
 training the normalized weight is ``W * K / bound(W)``, recomputed every step, so this module

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from ..errors import UnsupportedModuleError
+from ..errors import ArgumentError, UnsupportedModuleError
 from ..norms import METHODS
 from ..norms.geometry import describe
 from .table import entries, lookup
@@ -33,7 +33,7 @@ def layer_bound(
         name: the module's name in its model, used in error messages.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        raise ArgumentError(f"unknown method {method!r}; choose from {METHODS}")
     entry = lookup(type(module))
     if entry is None or entry.layer_bound is None:
         supported = sorted({k.__name__ for e in entries() if e.layer_bound is not None for k in e.keys})

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..errors import ArgumentError
 from .table import FuzzCase, Key, OpEntry, scoped, table
 
 SHAPES = ((3, 8), (2, 3, 5), (2, 3, 6, 5))
@@ -115,7 +116,7 @@ def check_case(case: FuzzCase, g: torch.Generator) -> tuple[float, float]:
     from ..certify import certificate  # the walk imports the table: import it at call time
 
     if len(case.inputs) not in (1, 2):
-        raise ValueError(f"{case.note}: fuzz cases take one or two inputs, got {len(case.inputs)}")
+        raise ArgumentError(f"{case.note}: fuzz cases take one or two inputs, got {len(case.inputs)}")
     probe = (Probe if len(case.inputs) == 1 else Probe2)(case.forward).double().eval()
     bound = certificate(probe, case.inputs).bound
     lower = secant_lower_bound(probe, case.inputs, g)
@@ -127,7 +128,7 @@ def check_case(case: FuzzCase, g: torch.Generator) -> tuple[float, float]:
 def check_entry(entry: OpEntry, seed: int = 0) -> list[tuple[Key, float, float]]:
     """Run every key's fuzz cases of ``entry`` through :func:`check_case`."""
     if entry.fuzz is None:
-        raise ValueError(f"the op table entry for {entry.keys} has no fuzz generator")
+        raise ArgumentError(f"the op table entry for {entry.keys} has no fuzz generator")
     out = []
     g = torch.Generator().manual_seed(seed)
     with scoped():

@@ -1,4 +1,4 @@
-"""BatchNorm passes (MATH section 6): fold into the preceding conv/linear, or remove.
+"""BatchNorm passes (docs/math.md, section 6): fold into the preceding conv/linear, or remove.
 
 Eval semantics: the running statistics are used, whatever mode the model is in. A BatchNorm
 without running statistics normalises with batch statistics, which is not a fixed Lipschitz

@@ -1,4 +1,4 @@
-"""Rewrite convolutions as depthwise-separable pairs (MATH section 4).
+"""Rewrite convolutions as depthwise-separable pairs (docs/math.md, section 4).
 
 For each input channel c, the Cout x k^d slice M_c = U S V^T of the kernel gives
     y = sum_c U_c S_c^(1/2) ( (S_c^(1/2) V_c^T) * x_c ),
@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..errors import ArgumentError
 from ..layers import SeparableConv
 from ..norms.geometry import conv_geometry
 from .graph_utils import module_of, replace_submodule
@@ -50,7 +51,7 @@ def factorize_conv(conv: nn.Module, mode: str = "exact", rank: Optional[int] = N
     per input channel), 'fresh' (newly initialised pair, multiplier ``rank`` or 1).
     """
     if mode not in MODES:
-        raise ValueError(f"unknown separable mode {mode!r}; choose from {MODES} or None")
+        raise ArgumentError(f"unknown separable mode {mode!r}; choose from {MODES} or None")
     g = conv.groups
     cout, cin_g = conv.weight.shape[:2]
     taps = math.prod(conv.kernel_size)
@@ -60,7 +61,7 @@ def factorize_conv(conv: nn.Module, mode: str = "exact", rank: Optional[int] = N
         depthwise, pointwise = _make_pair(conv, r)
         return SeparableConv(depthwise, pointwise, r), None
     if mode == "lowrank" and (rank is None or rank < 1):
-        raise ValueError("separable='lowrank' needs rank >= 1")
+        raise ArgumentError("separable='lowrank' needs rank >= 1")
     r = full if mode == "exact" else min(rank, full)
     w = conv.weight.detach().double().reshape(g, cout // g, cin_g, taps).permute(0, 2, 1, 3)  # (g, ci, co, K)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)  # s: (g, ci, full)
