@@ -202,7 +202,6 @@ UNBOUNDED = {
     "vit_b_16": "attention", "swin_t": "normalises", "convnext_tiny": "normalises",
     "efficientnet_b0": "product of two input-dependent", "mobilenet_v3_small": "product of two input-dependent",
 }
-FINITE = {"resnet18", "mobilenet_v2", "vgg11", "densenet121"}
 
 
 def _zoo_model(name, kwargs):
@@ -238,12 +237,10 @@ def test_zoo_certificates_are_sound(name, size, kwargs):
             assert math.isinf(cert.bound)
             assert cert.unbounded and any(UNBOUNDED[name] in c.reason for c in cert.unbounded), cert.unbounded
             continue
-        assert math.isfinite(cert.bound) and cert.bound > 0, (name, cert.unbounded)
+        assert math.isfinite(cert.bound) and cert.bound > 0 and not cert.unbounded, (name, cert.unbounded)
         # Jacobian norms at a few inputs are lower bounds of the true constant
         found = max(jacobian_norm(net, torch.randn(1, 3, size, size), iters=8, seed=s) for s in range(2))
         assert found <= cert.bound, (name, found, cert.bound)
-    if name in FINITE:
-        assert math.isfinite(cert.bound)
 
 
 def test_resnet18_certificate_parts_and_composition():
@@ -301,7 +298,7 @@ def test_certificate_serialises_and_prints():
     assert len(data["nodes"]) == len(cert.records)
     assert data["critical_path"][0] == cert.records[0].name
     text = str(cert)
-    assert "Lipschitz bound" in text and "features.18.0" in text or "features_18_0" in text
+    assert "Lipschitz bound" in text and ("features.18.0" in text or "features_18_0" in text), text
     inf = lipfx.certificate(_zoo_model("mobilenet_v3_small", {}), x)
     d = json.loads(inf.to_json())
     assert d["bound"] == "inf" and d["unbounded"]
