@@ -404,13 +404,17 @@ def test_state_dict_round_trip_keeps_power_iteration_state(trained):
 
 def test_bake_gives_a_plain_model_with_identical_outputs_that_loads_without_lipfx(trained, tmp_path):
     net, x = trained
+    before = copy.deepcopy(net.state_dict())
+    layers = [(n, type(p)) for n, _, p in normalized_layers(net)]
     baked = lipfx.bake(net)
     with torch.no_grad():
         assert torch.equal(baked(x), net(x))
     assert not any(type(m).__module__.startswith("lipfx") for m in baked.modules())
     assert not any("Parametrized" in type(m).__name__ for m in baked.modules())
-    with torch.no_grad():  # net itself is untouched and still normalized
-        assert torch.equal(net(x), lipfx.bake(net)(x))
+    # net itself is untouched and still normalized
+    assert [(n, type(p)) for n, _, p in normalized_layers(net)] == layers and len(layers) > 30
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(same(before[k], after[k]) for k in before)
     path = tmp_path / "baked.pt"
     torch.save(baked, path)
     torch.save(x, tmp_path / "x.pt")
@@ -498,8 +502,11 @@ def test_already_normalized_is_refused_and_zero_weights_are_safe():
     zero = nn.Sequential(nn.Linear(3, 3))
     nn.init.zeros_(zero[0].weight)
     net = lipfx.convert(zero, torch.randn(1, 3))
-    for mode in (net.train(), net.eval()):
-        assert torch.isfinite(mode(torch.randn(2, 3))).all()
+    for train in (True, False):  # both modes (the tuple of net.train(), net.eval() was eval twice)
+        net.train(train)
+        assert net.training is train and net.get_submodule("0").parametrizations.weight[0].training is train
+        assert torch.isfinite(net(torch.randn(2, 3))).all()
+        assert torch.isfinite(net.get_submodule("0").weight).all()
 
 
 def test_ddp_two_gloo_processes_stay_identical(tmp_path):
