@@ -76,10 +76,8 @@ def sgd_steps(net: nn.Module, x: torch.Tensor, steps: int = 4, lr: float = 0.5) 
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
-def test_every_layer_stays_below_K_after_large_sgd_steps(name):
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, num_classes=10).eval()
-    randomize_batchnorm(model)
+def test_every_layer_stays_below_K_after_large_sgd_steps(name, zoo):
+    model = zoo.shared(name, num_classes=10)  # convert copies it
     x = torch.randn(4, 3, 32, 32)
     K = 2.0
     net = lipfx.convert(model, x, K=K)
@@ -374,10 +372,9 @@ def test_print_shows_where_normalization_sits():
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(zoo):
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    randomize_batchnorm(model)
+    model = zoo.shared("resnet18", num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     net = lipfx.convert(model, x, K=1.5)
     sgd_steps(net, x, steps=2, lr=0.1)
@@ -391,7 +388,7 @@ def test_state_dict_round_trip_keeps_power_iteration_state(trained):
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
-    other = lipfx.convert(torchvision.models.resnet18(num_classes=10).eval(), x, K=1.5)
+    other = lipfx.convert(torchvision.models.resnet18(num_classes=10).eval(), x, K=1.5)  # other weights
     other.load_state_dict(torch.load(buf))
     other.eval()
     with torch.no_grad():
@@ -466,9 +463,8 @@ def test_torch_compile_gives_the_same_outputs():
     assert torch.allclose(torch.compile(b)(x), a(x), rtol=1e-4, atol=1e-5)
 
 
-def test_float64():
-    torch.manual_seed(0)
-    model = torchvision.models.mobilenet_v2(num_classes=10).double().eval()
+def test_float64(zoo):
+    model = zoo("mobilenet_v2", num_classes=10).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     net = lipfx.convert(model, x, K=1.0).eval()
     net32 = lipfx.convert(model.float(), x.float(), K=1.0).eval()
@@ -481,9 +477,8 @@ def test_float64():
         assert true_norm(m, p, shapes[name]) <= 1.0
 
 
-def test_budget_with_normalization_holds_through_training():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).eval()
+def test_budget_with_normalization_holds_through_training(zoo):
+    model = zoo.shared("resnet18", num_classes=10)
     x = torch.randn(2, 3, 16, 16)
     net = lipfx.convert(model, x, lipschitz=1.0)
     plain = lipfx.certificate(net, x, compose_linear=False, dense_max=0)
