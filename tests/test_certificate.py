@@ -240,6 +240,7 @@ def test_zoo_certificates_are_sound(name, size, kwargs, zoo):
         assert found <= cert.bound, (name, found, cert.bound)
 
 
+@pytest.mark.slow
 def test_resnet18_certificate_parts_and_composition(zoo):
     model = zoo.shared("resnet18")
     x = torch.randn(1, 3, 64, 64)
@@ -255,7 +256,8 @@ def test_resnet18_certificate_parts_and_composition(zoo):
 
 # --- the budget ---------------------------------------------------------------------------------
 # resnet18 with normalize=True: test_normalization's budget test (which also trains it)
-@pytest.mark.parametrize("name,normalize", [("resnet18", False), ("mobilenet_v2", False), ("mobilenet_v2", True)])
+@pytest.mark.parametrize("name,normalize", [pytest.param("resnet18", False, marks=pytest.mark.slow),
+                                            ("mobilenet_v2", False), ("mobilenet_v2", True)])
 def test_budget_gives_a_certificate_within_it(name, normalize, zoo):
     model = zoo(name)
     x = torch.randn(1, 3, 32, 32)

@@ -75,7 +75,7 @@ def sgd_steps(net: nn.Module, x: torch.Tensor, steps: int = 4, lr: float = 0.5) 
         opt.step()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow), "mobilenet_v2"])
 def test_every_layer_stays_below_K_after_large_sgd_steps(name, zoo):
     model = zoo.shared(name, num_classes=10)  # convert copies it
     x = torch.randn(4, 3, 32, 32)
@@ -477,6 +477,7 @@ def test_float64(zoo):
         assert true_norm(m, p, shapes[name]) <= 1.0
 
 
+@pytest.mark.slow
 def test_budget_with_normalization_holds_through_training(zoo):
     model = zoo.shared("resnet18", num_classes=10)
     x = torch.randn(2, 3, 16, 16)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # the recipes run in this interpreter: they plot exactly when it has matplotlib (the [plot] extra)
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -19,6 +21,7 @@ def check_plot(plot: Path, out: str) -> None:
         assert "no plot" in out and not plot.exists(), out
 
 
+@pytest.mark.slow
 def test_certified_classifier_recipe(tmp_path):
     plot = tmp_path / "curve.png"
     res = subprocess.run(
@@ -35,6 +38,7 @@ def test_certified_classifier_recipe(tmp_path):
     check_plot(plot, out)
 
 
+@pytest.mark.slow
 def test_iresnet_flow_2d_recipe(tmp_path):
     plot = tmp_path / "flow.png"
     res = subprocess.run(
@@ -54,6 +58,7 @@ def test_iresnet_flow_2d_recipe(tmp_path):
     check_plot(plot, out)
 
 
+@pytest.mark.slow
 def test_iresnet_classifier_recipe(tmp_path):
     res = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "iresnet_classifier.py"), "--epochs", "1", "--blocks", "1"],
