@@ -31,9 +31,9 @@ def trained():
     torch.manual_seed(0)
     x, y = made_up_data(512, seed=1)
     net = lipfx.convert(small_cnn().eval(), x[:1], lipschitz=1.0)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-2)  # 50 steps at 3e-2: the margins of 150 at 1e-2
     net.train()
-    for _ in range(150):
+    for _ in range(50):
         opt.zero_grad()
         margin_loss(net(x), y, radius=0.5, lipschitz=1.0).backward()
         opt.step()
@@ -41,23 +41,27 @@ def trained():
     return net, made_up_data(300, seed=2)
 
 
-def attack(model, x, y, radius, steps=100, restarts=4, seed=0):
-    """l2 PGD on the margin max_{j != y} f_j - f_y inside balls of the given per-input radii.
-    Returns the mask of inputs whose prediction it changed."""
+def attack(model, x, y, radius, steps=20, restarts=2, seed=0):
+    """l2 PGD on the margin max_{j != y} f_j - f_y inside balls of the given per-input radii, with
+    a step size decaying from 0.52 r to 0.02 r; the first restart starts at x, the others at a
+    random point of the ball. Returns the mask of inputs whose prediction it changed."""
     gen = torch.Generator().manual_seed(seed)
     r = radius.float().view(-1, 1, 1, 1)
     flipped = torch.zeros(len(x), dtype=torch.bool)
-    for _ in range(restarts):
+    for restart in range(restarts):
         delta = torch.randn(x.shape, generator=gen)
         delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * r * torch.rand(len(x), 1, 1, 1, generator=gen)
-        for _ in range(steps):
+        if restart == 0:
+            delta = torch.zeros_like(delta)
+        for t in range(steps):
+            step = (0.5 * (1 - t / steps) + 0.02) * r
             delta.requires_grad_(True)
             out = model(x + delta)
             other = out.scatter(1, y[:, None], -math.inf).amax(1)
             (other - out.gather(1, y[:, None]).squeeze(1)).sum().backward()
             with torch.no_grad():
                 g = delta.grad
-                delta = delta + 0.1 * r * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                delta = delta + step * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
                 norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
                 delta = delta * torch.clamp(r / norm.clamp_min(1e-12), max=1.0)
                 flipped |= model(x + delta).argmax(1) != y
@@ -71,9 +75,10 @@ def test_no_attack_changes_a_prediction_within_its_radius(trained):
     assert right.sum() >= 150 and float(radius[right].median()) > 0.2  # a real, non-trivial test
     inside = attack(net, x[right], y[right], radius[right] * 0.999)
     assert not inside.any()
-    # the attack itself works: at 4x the radius it flips a good share of the same points
-    outside = attack(net, x[right], y[right], radius[right] * 4)
-    assert outside.float().mean() > 0.2
+    # the attack itself works: at 2x the radius it flips a good share of the same points
+    # (about 65%; at 1.5x none: the certified radii are within 2x of what the attack reaches)
+    outside = attack(net, x[right], y[right], radius[right] * 2)
+    assert outside.float().mean() > 0.3
 
 
 def test_pairwise_radii_dominate_global_and_wrong_predictions_get_zero(trained):
