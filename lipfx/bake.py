@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from .errors import LipfxError
 from .layers import ChannelAffine, SeparableConv
 from .normalization import disable_batching
+from .passes.graph_utils import replace_submodule
 
 LIPFX_ATTRS = ("lipfx_report", "lipfx_certificate")
 
@@ -48,7 +49,7 @@ def bake(net: nn.Module) -> nn.Module:
         if isinstance(module, SeparableConv):
             holder = nn.Module()
             holder.depthwise, holder.pointwise = module.depthwise, module.pointwise
-            _replace(out, name, holder)
+            replace_submodule(out, name, holder)
     leftover = [n for n, m in out.named_modules() if type(m).__module__.startswith("lipfx")]
     if leftover:
         raise LipfxError(f"cannot bake lipfx modules outside a torch.fx graph: {leftover}")
@@ -100,11 +101,6 @@ def _inline_channel_affine(gm: fx.GraphModule) -> None:
     for name, affine in affines.items():
         holder = nn.Module()
         holder.scale, holder.shift = affine.scale, affine.shift
-        _replace(gm, name, holder)
+        replace_submodule(gm, name, holder)
     gm.graph.lint()
     gm.recompile()
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)

@@ -18,12 +18,12 @@ from . import __version__
 from .certify import Certificate, certificate
 from .convert import convert
 from .errors import LipfxError
-from .norms import layer_bound
+from .ops import layer_bound
 from .bake import bake
 from .normalization import normalized_layers
 from .models import MODEL_HELP, first_line as _first_line, load_model
 from .saving import save
-from .tracing import eval_mode
+from .tracing import eval_mode, layer_input_shapes
 
 
 class CliError(Exception):
@@ -38,26 +38,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise CliError(f"bad input shape {text!r}: sizes must be positive")
     return shape
-
-
-def layer_input_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Input shape (without batch) of every module lipfx can bound, from one forward pass."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            shapes.setdefault(name, tuple(inputs[0].shape[1:]))
-
-        return hook
-
-    bounded = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, bounded)]
-    try:
-        check_runs(model, torch.zeros(1, *input_shape))
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
 
 
 def check_runs(model: nn.Module, x: torch.Tensor) -> None:
@@ -117,7 +97,8 @@ def _convert(model: nn.Module, x: torch.Tensor, args: argparse.Namespace, *, nor
 
 def _bounds(args: argparse.Namespace) -> None:
     model, shape, _ = _load(args)
-    shapes = layer_input_shapes(model, shape)
+    check_runs(model, torch.zeros(1, *shape))  # a wrong shape: one clear error first
+    shapes = layer_input_shapes(model, torch.zeros(1, *shape))
     modules = dict(model.named_modules())
     if args.quiet:  # one bound per line, in layer order
         for name, s in shapes.items():
@@ -175,10 +156,7 @@ def _certify(args: argparse.Namespace) -> None:
         for c in cert.unbounded:
             print(f"  {c.reason}")
     else:
-        path = [
-            r.what for r in cert.critical_path()
-            if r.op not in ("placeholder", "output") and (r.local != 1.0 or r.composed is not None)
-        ]
+        path = cert.critical_layers()
         print(f"critical path ({len(path)} nodes): {' -> '.join(path[:12])}{' -> ...' if len(path) > 12 else ''}")
 
 

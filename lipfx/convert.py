@@ -53,7 +53,7 @@ def convert(
         eps: relative stopping tolerance of the pointwise/linear power iteration.
         refresh: relative kernel drift after which a spatial conv's FFT bound is searched over
             the whole spectrum again in training (see :func:`lipfx.normalize`); a layer's norm
-            stays in [K / (1 + refresh), K].
+            stays in [K (1 - refresh) / (1 + refresh), K].
         batched: compute all normalized weights together at the start of each training forward
             (see :func:`lipfx.normalize`); ``False`` computes each just before its layer.
         bn: ``"fold"`` folds each BatchNorm into the conv/linear right before it, using the

@@ -13,7 +13,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import ArgumentError, TraceError
-from .ops.table import is_leaf
+from .ops.table import is_leaf, lookup
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -92,6 +92,33 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Inputs) -> None:
     """Record each node's output shape in ``node.meta['tensor_meta']`` (eval semantics, no grad)."""
     with eval_mode(gm):
         ShapeProp(gm).propagate(*as_tuple(example_inputs))
+
+
+@torch.no_grad()
+def layer_input_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Input shape (without batch) of every module with an operator-norm bound (a
+    ``layer_bound`` piece in the op table), first call each, from one eval-mode forward with
+    hooks: for models torch.fx cannot trace. Traced graphs use :func:`input_shapes`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            shapes.setdefault(name, tuple(inputs[0].shape[1:]))
+
+        return hook
+
+    def bounded(m: nn.Module) -> bool:
+        entry = lookup(type(m))
+        return entry is not None and entry.layer_bound is not None
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if bounded(m)]
+    try:
+        with eval_mode(model):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
 
 
 def input_shapes(gm: fx.GraphModule) -> dict[str, list[tuple[int, ...]]]:

@@ -1,7 +1,7 @@
 """Per-layer operator-norm bounds of a torchvision model, three methods side by side.
 
 Randomly initialised (pretrained weights need a download; pass --weights FILE for a state_dict).
-Input sizes of each layer come from one forward pass with hooks.
+Input sizes of each layer come from one forward pass with hooks (lipfx.tracing.layer_input_shapes).
 
     python recipes/layer_bounds.py [--model resnet18] [--size 224] [--weights FILE]
 """
@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from lipfx.norms import layer_bound
+from lipfx.tracing import layer_input_shapes
 
 
 def main() -> None:
@@ -29,23 +30,7 @@ def main() -> None:
     model = torchvision.models.get_model(args.model, weights=None).eval()
     if args.weights:
         model.load_state_dict(torch.load(args.weights, map_location="cpu"))
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            shapes.setdefault(name, tuple(inputs[0].shape[1:]))
-
-        return hook
-
-    hooks = [
-        m.register_forward_hook(record(name))
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, args.size, args.size))
-    for h in hooks:
-        h.remove()
+    shapes = layer_input_shapes(model, torch.zeros(1, 3, args.size, args.size))
 
     start = time.perf_counter()
     print(f"{'layer':<24} {'input':>14} {'lipfx':>9} {'paper':>9} {'singla-feizi':>12}")

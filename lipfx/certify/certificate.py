@@ -179,7 +179,8 @@ def _walk(g: _Graph, dag: nx.DiGraph, compose_linear: bool, inputs: tuple) -> Ce
     unbounded = []
     if math.isinf(total):
         upstream = nx.ancestors(dag, output)
-        unbounded = [Culprit(n.name, op_name(n, g.module(n)), r) for n, r in reasons.items() if n in upstream]
+        unbounded = [Culprit(n.target if n.op == "call_module" else n.name, op_name(n, g.module(n)), r)
+                     for n, r in reasons.items() if n in upstream]
     return Certificate(total, records, unbounded, tuple(tuple(x.shape) for x in inputs), g.method)
 
 

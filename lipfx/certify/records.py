@@ -42,6 +42,12 @@ class NodeRecord:
         return self.map_bound if self.uses_composed else self.local
 
     @property
+    def label(self) -> str:
+        """The node's name everywhere lipfx prints it: the module's dotted name for a module call
+        (``layer1.0.conv1``), else the fx node's name (``add_3``)."""
+        return self.target if self.target not in (self.op, self.name) and self.op not in ("placeholder", "output") else self.name
+
+    @property
     def what(self) -> str:
         """The module (or the '+'-joined modules of a composed map) behind this node's constant."""
         return ("+".join(self.layers) or self.target) if self.uses_composed else self.target
@@ -51,7 +57,7 @@ class NodeRecord:
 class Culprit:
     """A node that makes the bound infinite."""
 
-    node: str
+    node: str  # the module's dotted name for a module call, else the fx node's name
     op: str
     reason: str
 
@@ -92,6 +98,13 @@ class Certificate:
             node = by_name[node.inputs[best]]
         return path[::-1]
 
+    def critical_layers(self) -> list[str]:
+        """The critical path as the command line prints it: the nodes on it whose constant is not
+        1 (layers, pools, composed maps), each by its module's name ('+'-joined for a composed
+        map) or its op."""
+        return [r.what for r in self.critical_path()
+                if r.op not in ("placeholder", "output") and (r.local != 1.0 or r.composed is not None)]
+
     def dominant(self, k: int = 5) -> list[NodeRecord]:
         """The ``k`` nodes with the largest own constants on the critical path."""
         return sorted(self.critical_path(), key=lambda r: -r.own)[:k]
@@ -125,8 +138,8 @@ class Certificate:
             "method": self.method,
             "input_shapes": [list(s) for s in self.input_shapes],
             "unbounded": [asdict(c) for c in self.unbounded],
-            "critical_path": [r.name for r in self.critical_path()],
-            "nodes": [{k: _json_number(v) for k, v in asdict(r).items()} for r in self.records],
+            "critical_path": self.critical_layers(),
+            "nodes": [{"label": r.label, **{k: _json_number(v) for k, v in asdict(r).items()}} for r in self.records],
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -141,7 +154,7 @@ class Certificate:
             method = r.method
             if r.composed is not None:
                 method += f" | {r.composed_method}: {_fmt(r.composed)} vs parts {_fmt(r.product)}"
-            lines.append(f"{r.name[:34]:<34} {r.op[:22]:<22} {_fmt(r.local):>11} {_fmt(r.bound):>11}  {method}")
+            lines.append(f"{r.label[:34]:<34} {r.op[:22]:<22} {_fmt(r.local):>11} {_fmt(r.bound):>11}  {method}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

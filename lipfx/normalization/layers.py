@@ -114,8 +114,8 @@ class ConvNormalization(LipschitzNormalization):
         Between full evaluations every block norm moves by at most the tap drift
         (:func:`tap_drift`), so ``bound_at_last_full + drift`` is still an upper bound; its
         gradient is taken as that of the current norm of the last peak's block. A full
-        evaluation runs when the drift exceeds ``refresh`` times the bound, which keeps the
-        normalized norm within that factor of K.
+        evaluation runs when the drift d exceeds ``refresh`` (r) times the bound b. The true norm
+        is then at least b - d, so the normalized norm stays in [K (1 - r) / (1 + r), K].
         """
         ref = self._ref
         bound = None

@@ -30,6 +30,7 @@ from .table import (
     unregister,
 )
 from .bounds import layer_bound
+from . import fuzzing
 from . import activations, arithmetic, dropout, layers, normalizers, pooling, resampling, shape, torchvision  # noqa: F401  (entries)
 
 __all__ = [

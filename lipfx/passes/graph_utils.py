@@ -10,9 +10,10 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def replace_submodule(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
+def replace_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted name ``target`` of ``root`` (any module, GraphModules too)."""
     parent_name, _, child = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
+    parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
 
 

@@ -12,7 +12,6 @@ import torch.fx as fx
 from torch.nn.utils import parametrize
 
 from ..errors import LipfxError
-from ..normalization.base import SCALINGS
 from ..normalization.batching import enable_batching
 from ..normalization.constants import KSpec, resolve_K, separable_parent
 from ..normalization.options import NormOptions
@@ -48,7 +47,7 @@ def normalize(
         refresh: for spatial convs in training, the relative kernel drift (bounded through the
             taps) after which the FFT bound is searched over the whole spectrum again; in between
             the bound is the last one plus the drift, still an upper bound, so a layer's norm
-            stays in [K / (1 + refresh), K]. Larger values mean fewer full searches.
+            stays in [K (1 - refresh) / (1 + refresh), K]. Larger values mean fewer full searches.
         batched: compute every normalized weight back to back when a training forward of
             ``gm`` starts (forward hooks on ``gm``), instead of each just before its layer runs.
             Same values and gradients; the bounds' small kernels then run together, before the
