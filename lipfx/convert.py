@@ -86,6 +86,7 @@ def convert(
     work = wrap_torch_layer(work)
     gm = trace(work, leaf_modules)
     report = ConversionReport()
+    _propagate_shapes(gm, example_inputs, work)  # the passes check what they fold against shapes
     if bn == "fold":
         fold_batchnorm(gm, report)
     elif bn == "remove":

@@ -26,7 +26,8 @@ from ..ops.table import lookup
 from ..tracing import Inputs, as_tuple, check_inputs, check_model, eval_mode, trace, wrap_torch_layer
 from .dense import DENSE_MAX, linear_region, region_norm
 from .linear_chains import Form, linear_forms
-from .observe import Observer, dependent_nodes, flat_inputs
+from .aliasing import mutation_reasons
+from .observe import Observer, dependent_nodes, flat_inputs, non_real_reason
 from .records import Certificate, Culprit, NodeRecord, _combine, _times
 
 
@@ -41,7 +42,9 @@ class _Graph:
     dependent: set[fx.Node]  # nodes that depend on the network input
     inputs: dict[fx.Node, list[fx.Node]]  # each dependent node's dependent inputs, in argument order
     shapes: dict[fx.Node, Any]
+    dtypes: dict[fx.Node, torch.dtype]  # of the nodes whose value is one tensor
     constants: dict[fx.Node, Any]  # values of the nodes that do not depend on the input
+    mutations: dict[fx.Node, str]  # in-place nodes whose mutation a later node reads: why
     method: str  # the layer-bound method
     dense_max: int
 
@@ -96,9 +99,11 @@ def certificate(
         dag = _dag(gm.graph)
         index = {n: i for i, n in enumerate(gm.graph.nodes)}
         order = list(nx.lexicographical_topological_sort(dag, key=index.__getitem__))
-        graph = _Graph(gm, dict(gm.named_modules()), order, index, dependent,
+        modules = dict(gm.named_modules())
+        graph = _Graph(gm, modules, order, index, dependent,
                        {n: flat_inputs(n, dependent) for n in order if n in dependent},
-                       observer.shapes, observer.constants, method, dense_max)
+                       observer.shapes, observer.dtypes, observer.constants,
+                       mutation_reasons(gm.graph, modules, dependent), method, dense_max)
         return _walk(graph, dag, compose_linear, inputs)
 
 
@@ -123,9 +128,13 @@ def _steps(g: _Graph) -> tuple[dict[fx.Node, Step], dict[fx.Node, str]]:
             steps[n] = Step(tuple(1.0 for _ in ins), "network output", combine="l2")
             continue
         module = g.module(n)
-        ctx = NodeContext(n, module, n.target if module is not None else None, ins, g.shapes, g.constants, g.method)
+        ctx = NodeContext(n, module, n.target if module is not None else None, ins, g.shapes, g.constants, g.method,
+                          g.dtypes)
         entry = _entry(n, module)
         try:
+            for why in (non_real_reason(g.dtypes.get(n)), g.mutations.get(n)):
+                if why is not None:  # what the node does to values rules out any rule
+                    raise Unbounded(f"{ctx.label}: {why}")
             if entry is None:
                 raise Unbounded(f"{ctx.label}: no Lipschitz rule for {ctx.op_name}; add one with lipfx.ops.register")
             step = entry.rule(ctx)
@@ -152,7 +161,7 @@ def _entry(n: fx.Node, module: Optional[nn.Module]):
 
 def _walk(g: _Graph, dag: nx.DiGraph, compose_linear: bool, inputs: tuple) -> Certificate:
     steps, reasons = _steps(g)
-    forms = linear_forms(g.modules, g.order, g.shapes, g.dependent) if compose_linear else {}
+    forms = linear_forms(g.modules, g.order, g.shapes, g.dependent, set(reasons)) if compose_linear else {}
     bound: dict[fx.Node, float] = {}
     records: list[NodeRecord] = []
     for n in g.order:

@@ -166,8 +166,10 @@ class Form:
     homogeneous: bool
 
 
-def linear_forms(modules: dict, order: list[fx.Node], shapes: dict, dependent: set) -> dict[fx.Node, Form]:
-    """The composed linear map ending at each node (only maximal ones are kept)."""
+def linear_forms(modules: dict, order: list[fx.Node], shapes: dict, dependent: set,
+                 skip: set = frozenset()) -> dict[fx.Node, Form]:
+    """The composed linear map ending at each node (only maximal ones are kept); no map ends at
+    or runs through a node in ``skip`` (nodes without a bound)."""
     forms: dict[fx.Node, Form] = {}
     absorbed: set[fx.Node] = set()
 
@@ -175,7 +177,7 @@ def linear_forms(modules: dict, order: list[fx.Node], shapes: dict, dependent: s
         return forms.get(u) if u in forms and sole_user(u) else None
 
     for n in order:
-        if n not in dependent or not n.args or not isinstance(shapes.get(n), torch.Size):
+        if n not in dependent or n in skip or not n.args or not isinstance(shapes.get(n), torch.Size):
             continue
         if n.op == "call_module":
             u = n.args[0]

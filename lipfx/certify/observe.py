@@ -4,7 +4,7 @@ every node's shape, and the values of the nodes that do not depend on the input.
 from __future__ import annotations
 
 import builtins
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -48,11 +48,14 @@ class Observer(fx.Interpreter):
         super().__init__(gm)
         self.dependent = dependent
         self.shapes: dict[fx.Node, Any] = {}
+        self.dtypes: dict[fx.Node, torch.dtype] = {}  # nodes whose value is one tensor
         self.constants: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         self.shapes[n] = shape_of(result)
+        if isinstance(result, torch.Tensor):
+            self.dtypes[n] = result.dtype
         if n not in self.dependent:
             self.constants[n] = result
         return result
@@ -62,3 +65,17 @@ def flat_inputs(node: fx.Node, dependent: set[fx.Node]) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a))
     return [a for a in found if a in dependent]
+
+
+def non_real_reason(dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Why a node whose values have ``dtype`` has no Lipschitz constant (None for real floats).
+
+    The certificate bounds the real-valued function the graph computes: a cast between floating
+    types is the identity on values, but integer and bool values (casts, comparisons, argmax)
+    jump, and complex values are outside the model.
+    """
+    if dtype is None or dtype.is_floating_point:
+        return None
+    if dtype.is_complex:
+        return f"its values are complex ({dtype}): lipfx certifies real-valued functions"
+    return f"its values are {dtype} (a cast, comparison or index): not a continuous function of the input"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -15,8 +14,8 @@ from ..bake import bake
 from ..certify import certificate
 from ..convert import convert
 from ..errors import ArgumentError, LipfxError, ShapeError
-from ..layers import ChannelAffine
 from ..normalization import normalized_layers
+from ..ops.table import lookup
 from ..tracing import Inputs, as_tuple, eval_mode, propagate_shapes, trace
 from . import logdet as _logdet
 from .fixed_point import InverseResult, apriori, missed, module_device, module_dtype, norm, stop, warn_return_info
@@ -287,36 +286,19 @@ def _probe(branch: nn.Module, leaf_modules: Sequence[str]) -> torch.Tensor:
                         f"channels ({what}; a conv or linear layer is needed): pass example_inputs")
 
 
-# ops whose certified factor is the same at every input size (given resolution-free conv bounds)
-_SIZE_FREE_FUNCTIONS = {operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.neg, torch.relu,
-                        torch.tanh, torch.sigmoid, torch.nn.functional.relu, torch.nn.functional.leaky_relu,
-                        torch.nn.functional.elu, torch.nn.functional.gelu, torch.nn.functional.silu,
-                        torch.nn.functional.softplus, torch.nn.functional.tanh, torch.nn.functional.sigmoid}
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink,
-                nn.CELU, nn.Sigmoid, nn.SiLU, nn.Mish, nn.SELU, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.LeakyReLU,
-                nn.ELU, nn.PReLU)
-_SIZE_FREE_METHODS = {"add", "sub", "neg", "relu", "tanh", "sigmoid", "__add__", "__sub__", "__radd__", "contiguous"}
-
-
 def _check_size_free(gm: fx.GraphModule) -> None:
     """Refuse ops whose certificate rule depends on the input size (pooling, padding, reductions,
-    broadcasts, dense regions): the certificate at the probe size would not hold at others."""
-    size_free = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, ChannelAffine, nn.modules.batchnorm._BatchNorm,
-                 nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d) + _ACTIVATIONS
+    broadcasts, dense regions): the certificate at the probe size would not hold at others. Which
+    ops are free of it is the ``size_free`` piece of their op table entry."""
     modules = dict(gm.named_modules())
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output", "get_attr"):
             continue
-        if n.op == "call_module":
-            ok = isinstance(modules[n.target], size_free)
-        elif n.op == "call_function":
-            ok = n.target in _SIZE_FREE_FUNCTIONS
-        else:
-            ok = n.target in _SIZE_FREE_METHODS
-        if ok and n.target in (operator.add, operator.sub, torch.add, torch.sub, "add", "sub", "__add__", "__sub__", "__radd__"):
+        entry = lookup(type(modules[n.target])) if n.op == "call_module" else lookup(n.target)
+        ok = entry is not None and entry.size_free
+        if ok and len(n.all_input_nodes) > 1:  # sums and the like: no broadcasting, whose copies grow with size
             shapes = [a.meta.get("tensor_meta") for a in n.all_input_nodes] + [n.meta.get("tensor_meta")]
-            ok = len(n.all_input_nodes) == len(n.args) and all(
-                s is not None and tuple(s.shape) == tuple(shapes[-1].shape) for s in shapes)
+            ok = all(m is not None and tuple(m.shape) == tuple(shapes[-1].shape) for m in shapes)
         if not ok:
             what = type(modules[n.target]).__name__ if n.op == "call_module" else getattr(n.target, "__name__", str(n.target))
             raise ArgumentError(f"node '{n.name}' ({what}): its Lipschitz factor may depend on the input size, so "

@@ -43,6 +43,8 @@ class LipschitzNormalization(nn.Module):
         self._cache_weight_key: Optional[tuple] = None
         self._cache_weight: Optional[torch.Tensor] = None
         self._cache_factor = 0.0
+        self._cache_source: Optional[torch.Tensor] = None  # the weight the factor was computed for
+        self._generation = 0
         self._prepared: Optional[tuple] = None  # this forward's weight, see _prepare_hook
 
     # -- what subclasses provide -------------------------------------------------------------
@@ -100,22 +102,31 @@ class LipschitzNormalization(nn.Module):
         delta covers rounding the rescaled weight to its dtype: an entrywise relative error of
         ~2u (scalar cast + product) moves the operator norm by at most rounding_terms * 2u.
         """
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, self.K._version,
-               None if self.s is None else self.s._version)
-        if key != self._cache_key:
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, float(self.K),
+               None if self.s is None else float(self.s))
+        # the version counter misses writes through .data (EMA updates, some loaders): compare
+        # the values too, so the cache can never outlive the weight it was computed for
+        if self._cache_key is None or key != self._cache_key[:-1] or not torch.equal(weight, self._cache_source):
             u = torch.finfo(weight.dtype).eps / 2
             delta = 4 * u * (self.rounding_terms(weight) + 1)
             bound = self.exact_bound(weight.detach())
             # a zero operator stays zero (and 0 * 1/tiny would be 0 * inf = nan in float32)
             self._cache_factor = 1.0 / (bound * (1 + delta)) if bound > 0 else 0.0
-            self._cache_key = key
+            self._cache_source = weight.detach().clone()
+            self._generation += 1
+            self._cache_key = key + (self._generation,)
         return self._cache_factor
 
     def clear_cache(self) -> None:
         """Forget the eval-mode factor and weight (recomputed on the next eval forward)."""
-        self._cache_key = self._cache_weight = self._cache_weight_key = None
+        self._cache_key = self._cache_weight = self._cache_weight_key = self._cache_source = None
         self._cache_factor = 0.0
         self._prepared = None
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_cache_source", None)  # pickles from before the value check
+        state.setdefault("_generation", 0)
+        super().__setstate__(state)
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())

@@ -11,6 +11,8 @@ padding mode decides the argument:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -33,6 +35,37 @@ _EXTRA_GRIDS_MAX_BLOCK = 8  # ...where the per-frequency blocks are this small (
 _GRAM_MIN_SIDE = 512  # 2-D matrices with both sides above this: Gram + Cholesky beats an SVD
 
 
+_SAFE_SCALE = (2.0 ** -300, 2.0 ** 300)  # max|W| outside this: Gram products under/overflow float64
+
+
+def _power_of_two_scale(weight: torch.Tensor) -> float:
+    """1, or the power of two that brings max|W| near 1 when W is tiny or huge (exact to divide by)."""
+    top = float(weight.detach().abs().max()) if weight.numel() else 0.0
+    if top == 0.0 or not math.isfinite(top) or _SAFE_SCALE[0] <= top <= _SAFE_SCALE[1]:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(top))
+
+
+def scale_invariant(bound):
+    """Evaluate a homogeneous bound (of a matrix, or of a conv's geometry) on the operator scaled by
+    a power of two when its entries are tiny or huge, and scale the result back: float64 weights
+    near 1e-170 would otherwise underflow in the Gram matrices and bound a non-zero operator by 0
+    (docs/math.md, section 3)."""
+
+    def wrapper(operator, *args, **kwargs):
+        weight = operator.weight if isinstance(operator, ConvGeometry) else operator
+        scale = _power_of_two_scale(weight)
+        if scale == 1.0:
+            return bound(operator, *args, **kwargs)
+        scaled = weight.detach().to(torch.float64) / scale
+        if isinstance(operator, ConvGeometry):
+            scaled = dataclasses.replace(operator, weight=scaled)
+        return bound(scaled, *args, **kwargs) * scale
+
+    return functools.wraps(bound)(wrapper)
+
+
+@scale_invariant
 def matrix_norm(matrix: torch.Tensor) -> float:
     """Exact spectral norm (float64 SVD) with the rounding slack, for certificates."""
     m = matrix.detach().to(torch.float64)
@@ -69,6 +102,7 @@ def _bound_on_grid(geom: ConvGeometry, grid: Sequence[int], stride: Sequence[int
     return max_transfer_norm(stacked, sub)
 
 
+@scale_invariant
 def zero_padded_bound(geom: ConvGeometry, n: Sequence[int]) -> float:
     """Circulant-embedding bound with explicit (lo, hi) zero pads; polyphase when strided.
 
@@ -85,6 +119,7 @@ def zero_padded_bound(geom: ConvGeometry, n: Sequence[int]) -> float:
     )
 
 
+@scale_invariant
 def paper_bound(geom: ConvGeometry, n: Sequence[int]) -> float:
     """Runkel et al. Thm 2: FFT at N + 2p ignoring the stride (sound but loose when strided)."""
     grid = tuple(ni + lo + hi for ni, (lo, hi) in zip(n, geom.pads))
@@ -92,6 +127,7 @@ def paper_bound(geom: ConvGeometry, n: Sequence[int]) -> float:
     return _bound_on_grid(geom, grid, unit) * padding_norm(geom.padding_mode, n, geom.pads)
 
 
+@scale_invariant
 def circular_bound(geom: ConvGeometry, n: Sequence[int]) -> Optional[float]:
     """Exact-domain bound for circular padding, or None when the rows are not a circulant subset.
 
@@ -110,6 +146,7 @@ def _valid_geometry(geom: ConvGeometry) -> ConvGeometry:
     return ConvGeometry(geom.weight, geom.groups, geom.stride, geom.dilation, zero, "zeros")
 
 
+@scale_invariant
 def conv_bound(geom: ConvGeometry, n: Optional[Sequence[int]], label: str) -> float:
     """Tightest sound bound this module knows for a conv at spatial input size ``n``."""
     if n is None:
@@ -141,6 +178,7 @@ def _per_tap_norms(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.linalg.matrix_norm(taps, ord=2).reshape(groups, *k)
 
 
+@scale_invariant
 def singla_feizi_bound(geom: ConvGeometry) -> float:
     """sqrt(hw) * min(||R||, ||S||) (Singla & Feizi 2021, Thm 1), 2-D, resolution-free.
 
@@ -177,6 +215,7 @@ def _resolution_free_padding_norm(geom: ConvGeometry) -> float:
     return math.sqrt(total)
 
 
+@scale_invariant
 def resolution_free_bound(geom: ConvGeometry) -> float:
     """A bound valid at every input size: sup over continuous frequencies of ||A(w)||.
 

@@ -10,7 +10,8 @@ Public API:
 
 The entries themselves, one file per op family: :mod:`.layers` (weighted layers, BatchNorm),
 :mod:`.activations`, :mod:`.pooling`, :mod:`.resampling` (interpolation, padding), :mod:`.shape`,
-:mod:`.arithmetic`, :mod:`.normalizers`, :mod:`.dropout`, :mod:`.torchvision`.
+:mod:`.arithmetic`, :mod:`.extrema` (max, sort, norms), :mod:`.normalizers`, :mod:`.dropout`,
+:mod:`.torchvision`.
 """
 
 from .context import NodeContext, Step, Unbounded, constant, unbounded
@@ -31,7 +32,7 @@ from .table import (
 )
 from .bounds import layer_bound
 from . import fuzzing
-from . import activations, arithmetic, dropout, layers, normalizers, pooling, resampling, shape, torchvision  # noqa: F401  (entries)
+from . import activations, arithmetic, dropout, extrema, layers, normalizers, pooling, resampling, shape, torchvision  # noqa: F401  (entries)
 
 __all__ = [
     "register", "unregister", "scoped", "lookup", "entries", "is_leaf", "table", "OpEntry", "OpTable",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .context import NodeContext, Step, Unbounded, constant
+from .context import NodeContext, Step, Unbounded, broadcast_factor, constant
 from .fuzzing import FuzzCase, apply, randn, unary
 from .table import OpEntry, table
 
@@ -42,6 +42,49 @@ def _one_lipschitz_cases(key, g: torch.Generator) -> list[FuzzCase]:
     elif name.startswith(("clamp", "clip")):
         args = (-0.5, 1.0)
     return [FuzzCase(apply(key, *args), (randn(s, g, 3.0),), f"shape {s}") for s in ((3, 8), (2, 3, 5, 4))]
+
+
+def _clamp_rule(ctx: NodeContext) -> Step:
+    # |clamp(x, a, b) - clamp(x', a', b')| <= max(|x - x'|, |a - a'|, |b - b'|) elementwise, and the
+    # same for max/min: the arguments combine in l2, each with its broadcast copies
+    out = ctx.out_shape
+    factors = tuple(broadcast_factor(ctx.shape(i), out) for i in ctx.inputs)
+    if len(factors) == 1:
+        return Step(factors, _ONE)
+    return Step(factors, "1-Lipschitz in each argument: sqrt(sum of squares)", combine="l2")
+
+
+def _clamp_cases(key, g: torch.Generator) -> list[FuzzCase]:
+    cases = _one_lipschitz_cases(key, g)
+    name = key if isinstance(key, str) else getattr(key, "__name__", "")
+    if name in ("maximum", "minimum", "fmax", "fmin"):
+        return [FuzzCase(apply(key), (randn((3, 8), g), randn((3, 8), g)), "two inputs"),
+                FuzzCase(apply(key), (randn((3, 8), g), randn((8,), g)), "broadcast input"),
+                FuzzCase(lambda x, c=randn((8,), g): apply(key)(x, c), (randn((3, 8), g),), "a constant")]
+    if name in ("clamp", "clip", "clamp_", "clip_"):
+        cases.append(FuzzCase(lambda x, lo: apply(key)(x, lo, lo + 1.0), (randn((3, 8), g), randn((3, 8), g)),
+                              "input-dependent bounds"))
+    return cases
+
+
+def _celu_rule(ctx: NodeContext) -> Step:
+    alpha = ctx.module.alpha if ctx.module is not None else ctx.arg(1, "alpha", 1.0)
+    if not alpha > 0:
+        # for x < 0 the slope is exp(x / alpha), unbounded when alpha < 0
+        raise Unbounded(f"{ctx.label}: CELU with alpha={alpha} is not globally Lipschitz (needs alpha > 0)")
+    return Step.scale(1.0, "CELU (alpha > 0): slope exp(x / alpha) <= 1")
+
+
+def _softplus_rule(ctx: NodeContext) -> Step:
+    m = ctx.module
+    beta = m.beta if m is not None else ctx.arg(1, "beta", 1.0)
+    threshold = m.threshold if m is not None else ctx.arg(2, "threshold", 20.0)
+    # torch switches to x where beta x > threshold, a jump of log(1 + exp(-threshold)) / beta: the
+    # function torch computes is not continuous, however small the jump (2e-9 at the default 20)
+    jump = math.log1p(math.exp(-threshold)) / abs(beta) if beta else math.inf
+    raise Unbounded(f"{ctx.label}: Softplus(beta={beta}, threshold={threshold}) jumps by {jump:.3g} where it "
+                    "switches to the identity (beta x = threshold): not continuous, so not Lipschitz; a smooth "
+                    "activation (ELU, SiLU, GELU) certifies")
 
 
 def _softmax_cases(key, g: torch.Generator) -> list[FuzzCase]:
@@ -109,15 +152,18 @@ def _log_softmax_rule(ctx: NodeContext) -> Step:
 
 
 def _fixed(keys: tuple, value: float, method: str, fuzz=_wide) -> OpEntry:
-    return OpEntry(keys, constant(value, method), fuzz, doc=method)
+    return OpEntry(keys, constant(value, method), fuzz, size_free=True, doc=method)
 
 
 ENTRIES = (
-    _fixed((nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink,
-            nn.CELU, torch.relu, F.relu, torch.relu_, F.relu_, F.relu6, F.hardtanh, torch.tanh, F.tanh,
-            F.softplus, F.softsign, F.logsigmoid, F.tanhshrink, F.celu, torch.clamp, torch.clip,
-            torch.clamp_min, torch.clamp_max, "relu", "relu_", "tanh", "tanh_", "clamp", "clamp_",
-            "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "clip", "clip_"), 1.0, _ONE, _one_lipschitz_cases),
+    _fixed((nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, torch.relu, F.relu,
+            torch.relu_, F.relu6, F.hardtanh, torch.tanh, F.tanh, F.softsign, F.logsigmoid, F.tanhshrink, "relu",
+            "relu_", "tanh", "tanh_"), 1.0, _ONE),
+    OpEntry((torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, "clamp", "clamp_", "clamp_min", "clamp_min_",
+             "clamp_max", "clamp_max_", "clip", "clip_", torch.maximum, torch.minimum, torch.fmax, torch.fmin,
+             "maximum", "minimum"), _clamp_rule, _clamp_cases, size_free=True, doc="1 in each argument (l2-combined)"),
+    OpEntry((nn.CELU, F.celu), _celu_rule, _with_parameter("alpha", (1.0, 0.3, 2.5)), size_free=True, doc="1 for alpha > 0"),
+    OpEntry((nn.Softplus, F.softplus), _softplus_rule, lambda key, g: [], doc="unbounded: a jump at the threshold"),
     _fixed((nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid", "sigmoid_"), SIGMOID, "activation: sigmoid' <= 1/4"),
     _fixed((nn.SiLU, F.silu), SILU, "activation: SiLU' <= 1.0998"),
     _fixed((nn.Mish, F.mish), MISH, "activation: Mish' <= 1.0885"),
@@ -126,11 +172,11 @@ ENTRIES = (
     _fixed((nn.Hardsigmoid, F.hardsigmoid), HARDSIGMOID, "activation: Hardsigmoid' <= 1/6"),
     _fixed((nn.Softmax, nn.Softmin, nn.Softmax2d, F.softmax, torch.softmax, F.softmin, "softmax"), SOFTMAX,
            "softmax: ||diag(p) - pp^T|| <= 1/2", _softmax_cases),
-    OpEntry((nn.GELU, F.gelu), _gelu_rule, _gelu_cases, doc="GELU' <= 1.1289 (tanh: 1.1290)"),
+    OpEntry((nn.GELU, F.gelu), _gelu_rule, _gelu_cases, size_free=True, doc="GELU' <= 1.1289 (tanh: 1.1290)"),
     OpEntry((nn.LeakyReLU, F.leaky_relu, F.leaky_relu_), _leaky_rule,
-            _with_parameter("negative_slope", (0.01, 3.0, -2.0)), doc="max(1, |slope|)"),
-    OpEntry((nn.ELU, F.elu, F.elu_), _elu_rule, _with_parameter("alpha", (1.0, 2.5)), doc="max(1, |alpha|)"),
-    OpEntry((nn.PReLU,), _prelu_rule, _prelu_cases, doc="max(1, max|slope|)"),
+            _with_parameter("negative_slope", (0.01, 3.0, -2.0)), size_free=True, doc="max(1, |slope|)"),
+    OpEntry((nn.ELU, F.elu, F.elu_), _elu_rule, _with_parameter("alpha", (1.0, 2.5)), size_free=True, doc="max(1, |alpha|)"),
+    OpEntry((nn.PReLU,), _prelu_rule, _prelu_cases, size_free=True, doc="max(1, max|slope|)"),
     OpEntry((nn.LogSoftmax, F.log_softmax, torch.log_softmax, "log_softmax"), _log_softmax_rule,
             _with_parameter("dim", (-1, 1)), doc="1 + sqrt(n)"),
 )

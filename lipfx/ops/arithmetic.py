@@ -155,9 +155,9 @@ def _unbounded_cases(key, g: torch.Generator) -> list[FuzzCase]:
 
 ENTRIES = (
     OpEntry((operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"), _add_sub(1.0),
-            _binary_cases, sum_sign=1.0, doc="triangle inequality"),
+            _binary_cases, sum_sign=1.0, size_free=True, doc="triangle inequality"),
     OpEntry((operator.sub, operator.isub, torch.sub, torch.subtract, "sub", "sub_", "__sub__"), _add_sub(-1.0),
-            _binary_cases, sum_sign=-1.0, doc="triangle inequality"),
+            _binary_cases, sum_sign=-1.0, size_free=True, doc="triangle inequality"),
     OpEntry((operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_", "__mul__", "__rmul__"), _mul,
             _scaled_cases, doc="max|c| for a constant c"),
     OpEntry((operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_", "__truediv__"), _div,

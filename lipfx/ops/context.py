@@ -66,6 +66,7 @@ class NodeContext:
     shapes: dict[fx.Node, Any]  # node -> torch.Size (tensors) or nested tuples of them
     constants: dict[fx.Node, Any]  # node -> value, for nodes that do not depend on the input
     method: str = "auto"  # the layer-bound method (lipfx.layer_bound)
+    dtypes: dict[fx.Node, torch.dtype] = field(default_factory=dict)  # of the nodes whose value is one tensor
     extra: dict = field(default_factory=dict)
 
     @property

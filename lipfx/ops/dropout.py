@@ -43,9 +43,9 @@ def _dropout_cases(key, g: torch.Generator) -> list[FuzzCase]:
 
 ENTRIES = (
     OpEntry((nn.Identity,), lambda ctx: Step.affine(1.0, "identity"), unary(), linear_map=_identity_map,
-            doc="1"),
+            size_free=True, doc="1"),
     OpEntry(_MODULES + _FUNCTIONS, _dropout_rule, _dropout_cases, linear_map=_identity_map,
-            doc="eval: 1; training: unbounded"),
+            size_free=True, doc="eval: 1; training: unbounded"),
 )
 for _entry in ENTRIES:
     table().add(_entry)

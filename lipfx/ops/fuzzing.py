@@ -89,12 +89,35 @@ def _flat(value: Any) -> torch.Tensor:
     return torch.zeros(0, dtype=torch.float64)
 
 
+def _quotient(f: Callable[..., Any], base: list[torch.Tensor], moved: list[torch.Tensor]) -> float:
+    dx = torch.linalg.vector_norm(torch.cat([(m - b).reshape(-1) for m, b in zip(moved, base)]))
+    fb, fm = _flat(f(*[b.clone() for b in base])), _flat(f(*[m.clone() for m in moved]))  # (in-place ops)
+    if fb.shape != fm.shape or dx == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(fm - fb) / dx)
+
+
+def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    parts, start = [], 0
+    for x in like:
+        parts.append(flat[start:start + x.numel()].reshape(x.shape))
+        start += x.numel()
+    return parts
+
+
+_MAX_DIRECTIONS = 400  # finite-difference Jacobians over at most this many input coordinates
+
+
 @torch.no_grad()
 def secant_lower_bound(forward: Callable[..., Any], inputs: Sequence[torch.Tensor], g: torch.Generator,
                        pairs: int = 24) -> float:
-    """max ||f(x) - f(y)|| / ||x - y|| over random pairs near and far, in float64, no autograd.
+    """A lower bound on the Lipschitz constant from secant quotients ||f(x) - f(y)|| / ||x - y||,
+    in float64, without autograd. Every number it returns is a real quotient of two evaluations.
 
-    Each pair moves every input jointly (the certificate bounds the map from all inputs at once).
+    Candidates: random pairs near and far; and, at random and at "peaked" base points (one large
+    entry, where max-type ops route many outputs through one input), the top singular direction
+    of a finite-difference Jacobian, along which the quotient is then measured. Each pair moves
+    every input jointly (the certificate bounds the map from all inputs at once).
     """
     f = forward
     xs = [x.double() for x in inputs]
@@ -103,22 +126,62 @@ def secant_lower_bound(forward: Callable[..., Any], inputs: Sequence[torch.Tenso
         step = 10.0 ** (-3 + 3 * (i % 4) / 3)  # 1e-3 .. 1: local slopes and global secants
         base = [x + torch.randn(x.shape, generator=g, dtype=torch.float64) * (i % 3) for x in xs]
         moved = [b + step * torch.randn(b.shape, generator=g, dtype=torch.float64) for b in base]
-        dx = torch.linalg.vector_norm(torch.cat([(m - b).reshape(-1) for m, b in zip(moved, base)]))
-        fb, fm = _flat(f(*base)), _flat(f(*moved))
-        if fb.shape != fm.shape or dx == 0:
+        best = max(best, _quotient(f, base, moved))
+    n = sum(x.numel() for x in xs)
+    if n > _MAX_DIRECTIONS:
+        return best
+    flat = torch.cat([x.reshape(-1) for x in xs])
+    peaked = 0.01 * torch.randn(n, generator=g, dtype=torch.float64)
+    peaked[int(torch.randint(n, (1,), generator=g))] = 3.0
+    for point in (flat, peaked, torch.zeros(n, dtype=torch.float64) + 0.1):
+        base = _split(point, xs)
+        out = f(*[b.clone() for b in base])
+        if any(t.dtype != torch.float64 for t in (out if isinstance(out, (list, tuple)) else (out,))
+               if isinstance(t, torch.Tensor)):
+            break  # outputs rounded to a lower precision: finite differences would measure the rounding
+        f0 = _flat(out)
+        h = 1e-6
+        columns = []
+        for j in range(n):
+            e = point.clone()
+            e[j] += h
+            fj = _flat(f(*_split(e, xs)))
+            if fj.shape != f0.shape:
+                columns = []
+                break
+            columns.append((fj - f0) / h)
+        if not columns or f0.numel() == 0:
             continue
-        best = max(best, float(torch.linalg.vector_norm(fm - fb) / dx))
+        jac = torch.stack(columns, dim=1)
+        v = torch.linalg.svd(jac, full_matrices=False).Vh[0]
+        for step in (h, 1e-3):
+            best = max(best, _quotient(f, base, _split(point + step * v, xs)))
     return best
 
 
-def check_case(case: FuzzCase, g: torch.Generator) -> tuple[float, float]:
-    """(certificate, secant lower bound) of one case; raises AssertionError when unsound."""
+def _entry_of(node, modules: dict) -> Optional[OpEntry]:
+    if node.op == "call_module":
+        return table().entry(type(modules[node.target]))
+    if node.op in ("call_function", "call_method"):
+        return table().entry(node.target)
+    return None
+
+
+def check_case(case: FuzzCase, g: torch.Generator, entry: Optional[OpEntry] = None) -> tuple[float, float]:
+    """(certificate, secant lower bound) of one case; raises AssertionError when unsound, or when
+    ``entry`` is given and no node of the traced case is certified by it (a vacuous case)."""
     from ..certify import certificate  # the walk imports the table: import it at call time
+    from ..tracing import trace
 
     if len(case.inputs) not in (1, 2):
         raise ArgumentError(f"{case.note}: fuzz cases take one or two inputs, got {len(case.inputs)}")
     probe = (Probe if len(case.inputs) == 1 else Probe2)(case.forward).double().eval()
-    bound = certificate(probe, case.inputs).bound
+    gm = trace(probe, leaf_modules=("op",) if hasattr(probe, "op") else ())  # the op stays one node
+    if entry is not None:
+        modules = dict(gm.named_modules())
+        if not any(_entry_of(n, modules) is entry for n in gm.graph.nodes):
+            raise AssertionError(f"{case.note}: the traced case never reaches the entry {entry.keys[:3]}")
+    bound = certificate(gm, case.inputs).bound
     lower = secant_lower_bound(probe, case.inputs, g)
     if lower > bound * (1 + case.rtol) + 1e-12:
         raise AssertionError(f"{case.note}: certificate {bound:.6g} < secant quotient {lower:.6g}")
@@ -136,7 +199,7 @@ def check_entry(entry: OpEntry, seed: int = 0) -> list[tuple[Key, float, float]]
         for key in entry.keys:
             for case in entry.fuzz(key, g):
                 try:
-                    bound, lower = check_case(case, g)
+                    bound, lower = check_case(case, g, entry)
                 except AssertionError as exc:
                     raise AssertionError(f"{key!r}: {exc}") from None
                 out.append((key, bound, lower))

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..certify.linear_chains import LinearMap, diagonal
 from ..layers import ChannelAffine, SeparableConv
@@ -150,12 +149,9 @@ def _random_stats(bn: nn.Module, g: torch.Generator) -> nn.Module:
 
 
 def _fuzz_batchnorm(key: type, g: torch.Generator) -> list[FuzzCase]:
-    shapes = {nn.BatchNorm1d: (2, 3, 5), nn.BatchNorm2d: (2, 3, 4, 4), nn.BatchNorm3d: (2, 3, 3, 3, 3),
-              nn.InstanceNorm1d: (2, 3, 5), nn.InstanceNorm2d: (2, 3, 4, 4), nn.InstanceNorm3d: (2, 3, 3, 3, 3)}
-    if key not in shapes:  # the abstract bases: their concrete 2-d class stands in
-        key = nn.InstanceNorm2d if issubclass(key, _InstanceNorm) else nn.BatchNorm2d
-    kw = dict(affine=True, track_running_stats=True) if issubclass(key, _InstanceNorm) else {}
-    return [FuzzCase(_random_stats(key(3, **kw), g), (randn(shapes[key], g),), key.__name__)]
+    shapes = {nn.BatchNorm1d: (2, 3, 5), nn.BatchNorm2d: (2, 3, 4, 4), nn.BatchNorm3d: (2, 3, 3, 3, 3)}
+    key = key if key in shapes else nn.BatchNorm2d  # the abstract base: its 2-d class stands in
+    return [FuzzCase(_random_stats(key(3), g), (randn(shapes[key], g),), key.__name__)]
 
 
 def _fuzz_batchnorm_function(key, g: torch.Generator) -> list[FuzzCase]:
@@ -166,16 +162,16 @@ def _fuzz_batchnorm_function(key, g: torch.Generator) -> list[FuzzCase]:
 
 ENTRIES = (
     OpEntry((nn.Linear,), _weighted_rule, _fuzz_linear, linear_map=_linear_map, layer_bound=linear_layer_bound,
-            normalization=_normalize_matrix, doc="exact SVD; normalized by power iteration"),
+            normalization=_normalize_matrix, size_free=True, doc="exact SVD; normalized by power iteration"),
     OpEntry(CONVS, _weighted_rule, _fuzz_conv, linear_map=_conv_map, layer_bound=conv_layer_bound,
-            normalization=_normalize_conv, doc="FFT/polyphase bound; 1x1 by power iteration"),
-    OpEntry((SeparableConv,), _separable_rule, _fuzz_separable, doc="product of its two halves' bounds"),
+            normalization=_normalize_conv, size_free=True, doc="FFT/polyphase bound; 1x1 by power iteration"),
+    OpEntry((SeparableConv,), _separable_rule, _fuzz_separable, size_free=True, doc="product of its two halves' bounds"),
     OpEntry((ChannelAffine,), _affine_rule, _fuzz_affine, linear_map=lambda m, name, s: diagonal(m.scale, len(s) - 2, name),
             layer_bound=_affine_bound, attribute="scale",
             normalization=lambda m, shapes, k, o, name: DiagonalNormalization(k, o.scaling, o.s_init, name),
-            doc="max|scale|"),
-    OpEntry((_BatchNorm, _InstanceNorm), _batchnorm_rule, _fuzz_batchnorm, linear_map=_batchnorm_map,
-            doc="eval mode: max|gamma / sqrt(var + eps)|"),
+            size_free=True, doc="max|scale|"),
+    OpEntry((_BatchNorm,), _batchnorm_rule, _fuzz_batchnorm, linear_map=_batchnorm_map,
+            size_free=True, doc="eval mode: max|gamma / sqrt(var + eps)|"),
     OpEntry((F.batch_norm,), _batchnorm_function_rule, _fuzz_batchnorm_function, doc="running statistics only"),
 )
 for _entry in ENTRIES:

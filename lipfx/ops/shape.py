@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import operator
-from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -34,19 +33,46 @@ def _name(key) -> str:
     return key if isinstance(key, str) else key.__name__
 
 
+_SHAPE_ONLY = {"view_as", "reshape_as", "type_as", "expand_as", "to"}  # the second argument gives only a shape/dtype
+
+
+def _value_step(ctx: NodeContext, factor: float, method: str) -> Step:
+    """``factor`` for the tensor the op moves (its first argument), 0 for shape-only arguments
+    (``x.view_as(y)``: y's values do not matter); any other input-dependent argument has no rule."""
+    first = ctx.node.args[0] if ctx.node.args else None
+    name = ctx.node.target if ctx.node.op == "call_method" else None
+    factors = []
+    for i, node in enumerate(ctx.inputs):
+        if node is first and i == ctx.inputs.index(first):
+            factors.append(factor)
+        elif name in _SHAPE_ONLY:
+            factors.append(0.0)
+        else:
+            raise Unbounded(f"{ctx.label}: an input-dependent argument other than the tensor it moves")
+    return Step(tuple(factors), method, linear=True)
+
+
+def _reshape_rule(ctx: NodeContext) -> Step:
+    return _value_step(ctx, 1.0, _RESHAPE)
+
+
 def _reshape_cases(key, g: torch.Generator) -> list[FuzzCase]:
     name = _name(key)
     shape = _SHAPES.get(name, _X)
     if name in ("view_as", "reshape_as", "type_as"):
         target = torch.zeros(24 if name != "type_as" else 1, dtype=torch.float64)
-        return [FuzzCase(apply(key, target), (randn(shape, g),), f"{name}(a constant)")]
+        return [FuzzCase(apply(key, target), (randn(shape, g),), f"{name}(a constant)"),
+                FuzzCase(lambda x, y: getattr(x, name)(y.reshape(-1) if name != "type_as" else y), (randn(shape, g), randn(shape, g)),
+                         f"{name}(another input): shape only")]
     rtol = 1e-3 if name == "float" else 1e-6  # float32 rounding of the outputs shows in the secants
     return [FuzzCase(apply(key, *_ARGS.get(name, ())), (randn(shape, g),), name, rtol)]
 
 
 def _getitem_cases(key, g: torch.Generator) -> list[FuzzCase]:
     indices = [(slice(None), 1), (Ellipsis, slice(None, None, 2)), (slice(None), [0, 2, 2]),
-               (slice(None), torch.tensor([1, 1, 0, 1])), (0, slice(1, 3), None)]
+               (slice(None), torch.tensor([1, 1, 0, 1])), (0, slice(1, 3), None), (slice(None), [2, -1]),
+               ([[0, 1], [1, -1]],), (slice(None), [0, -3], [1, -3]), (Ellipsis, torch.tensor([True, False, True, True])),
+               (-1, slice(-2, None))]
     return [FuzzCase(lambda x, i=i: x[i], (randn(_X, g),), f"x[{i}]") for i in indices]
 
 
@@ -56,16 +82,13 @@ def _getitem(ctx: NodeContext) -> Step:
         raise Unbounded(f"{ctx.label}: indexing with input-dependent indices is not continuous")
     if not isinstance(ctx.shapes.get(obj), torch.Size):
         return Step.affine(1.0, "item of a tuple: norm <= 1")
-    copies = 1
-    for item in index if isinstance(index, tuple) else (index,):
-        item = ctx.value(item)
-        if isinstance(item, torch.Tensor) and item.dtype != torch.bool:
-            counts = torch.unique(item, return_counts=True)[1]
-            copies *= int(counts.max()) if counts.numel() else 1
-        elif isinstance(item, (list, tuple)) and item and all(isinstance(i, int) for i in item):
-            copies *= max(Counter(item).values())
-    method = "selection: norm 1" if copies == 1 else "indexing with repeats: sqrt(most copies)"
-    return Step.affine(math.sqrt(copies), method)
+    # the selection applied to the elements' own positions: how often each one is copied, exact
+    # for any index (negative, nested, broadcast advanced indices, masks, Ellipsis, None)
+    positions = torch.arange(numel(ctx.shapes[obj])).reshape(ctx.shapes[obj])
+    picked = positions[ctx.value(index)].reshape(-1)
+    copies = int(torch.bincount(picked).max()) if picked.numel() else 1
+    method = "selection: norm 1" if copies <= 1 else "indexing with repeats: sqrt(most copies)"
+    return Step.affine(math.sqrt(max(copies, 1)), method)
 
 
 def _contains_dependent(ctx: NodeContext, index: Any) -> bool:
@@ -77,14 +100,15 @@ def _contains_dependent(ctx: NodeContext, index: Any) -> bool:
 
 
 def _copies(ctx: NodeContext) -> Step:
-    return Step.affine(broadcast_factor(ctx.shape(), ctx.out_shape), "copies elements: sqrt(copies)")
+    return _value_step(ctx, broadcast_factor(ctx.shape(ctx.node.args[0]), ctx.out_shape), "copies elements: sqrt(copies)")
 
 
 def _copies_cases(key, g: torch.Generator) -> list[FuzzCase]:
     args = {"expand": (2, 3, 4), "repeat": (1, 2, 1), "tile": ((1, 2),), "broadcast_to": ((2, 3, 4),)}
     name = _name(key)
     if name == "expand_as":
-        return [FuzzCase(apply(key, torch.zeros(2, 3, 4, dtype=torch.float64)), (randn((2, 1, 4), g),), name)]
+        return [FuzzCase(apply(key, torch.zeros(2, 3, 4, dtype=torch.float64)), (randn((2, 1, 4), g),), name),
+                FuzzCase(lambda x, y: x.expand_as(y), (randn((2, 1, 4), g), randn((2, 3, 4), g)), "expand_as(input)")]
     return [FuzzCase(apply(key, *args[name]), (randn((2, 1, 4), g),), name)]
 
 
@@ -123,8 +147,8 @@ ENTRIES = (
              torch.neg, torch.unflatten, "view", "reshape", "flatten", "unflatten", "permute", "transpose",
              "swapaxes", "t", "contiguous", "squeeze", "unsqueeze", "view_as", "reshape_as", "narrow", "movedim",
              "chunk", "split", "unbind", "to", "float", "double", "clone", "detach", "type_as", "roll", "flip",
-             "neg", "__neg__"), constant(1.0, _RESHAPE, linear=True), _reshape_cases, doc="norm 1"),
-    OpEntry((torch.abs, operator.abs, "abs"), constant(1.0, "|x|: 1-Lipschitz"), _reshape_cases, doc="1"),
+             "neg", "__neg__"), _reshape_rule, _reshape_cases, size_free=True, doc="norm 1"),
+    OpEntry((torch.abs, operator.abs, "abs"), constant(1.0, "|x|: 1-Lipschitz"), _reshape_cases, size_free=True, doc="1"),
     OpEntry((operator.getitem,), _getitem, _getitem_cases, doc="1, or sqrt(most copies) for repeated indices"),
     OpEntry(("expand", "expand_as", "repeat", "tile", "broadcast_to", torch.tile, torch.broadcast_to), _copies,
             _copies_cases, doc="sqrt(copies)"),

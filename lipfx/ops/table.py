@@ -14,6 +14,9 @@ its pieces:
 - ``normalization(module, input_shapes, K, options, name) -> LipschitzNormalization`` and
   ``attribute``: how ``lipfx.normalize`` keeps the layer's norm at K;
 - ``sum_sign``: +1 / -1 for binary sums and differences (residual maps compose through them);
+- ``size_free``: the rule's constant is the same at every input size (elementwise ops, shape
+  ops of norm 1, and weighted layers under resolution-free bounds), so a certificate made of such
+  ops holds at every input size (``InvertibleResidual`` without example inputs);
 - ``leaf``: module types traced as one node (the tracer does not inline them), so their rule
   is the one used.
 
@@ -55,6 +58,7 @@ class OpEntry:
     normalization: Optional[Callable] = None
     attribute: str = "weight"
     sum_sign: Optional[float] = None
+    size_free: bool = False
     leaf: bool = False
     doc: str = ""
 
@@ -96,11 +100,16 @@ class OpTable:
             self._entries.pop(key, None)
 
     def entry(self, key: Key) -> Optional[OpEntry]:
-        """The entry for a key (a module type resolves through its MRO)."""
+        """The entry for a key. A module type resolves through its MRO, except that a subclass
+        overriding ``forward`` does not inherit a leaf entry (it computes something else, and
+        traced through it is certified as what it does)."""
         if isinstance(key, type):
             for cls in key.__mro__:
                 if cls in self._entries:
-                    return self._entries[cls]
+                    e = self._entries[cls]
+                    if e.leaf and cls is not key and getattr(key, "forward", None) is not getattr(cls, "forward", None):
+                        return None
+                    return e
             return None
         try:
             return self._entries.get(key)
@@ -148,10 +157,18 @@ def register(*keys: Key, rule: Callable, fuzz: Optional[Callable] = None, leaf: 
 
     A module type registered here is traced as a leaf (``leaf=True``) unless it is one of
     torch's own (already leaves) or ``leaf=False`` is given: otherwise torch.fx would inline its
-    forward and the rule would never be used.
+    forward and the rule would never be used. A subclass of a registered layer (an ``nn.Conv2d``
+    subclass, say) keeps the pieces it is not given (layer bound, linear map, normalization).
+
+    Scopes (:func:`scoped`) follow ``contextvars``: a thread started inside one sees the default
+    table, not the scope's.
     """
     if leaf is None:
         leaf = any(isinstance(k, type) and not k.__module__.startswith("torch.") for k in keys)
+    inherited = lookup(keys[0]) if len(keys) == 1 and isinstance(keys[0], type) else None
+    if inherited is not None:  # a subclass of a registered layer keeps its bound, map and normalization
+        for piece in ("linear_map", "layer_bound", "normalization", "attribute", "size_free"):
+            pieces.setdefault(piece, getattr(inherited, piece))
     return table().add(OpEntry(tuple(keys), rule, fuzz, leaf=leaf, **pieces))
 
 

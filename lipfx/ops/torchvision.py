@@ -3,6 +3,8 @@ Registered only when torchvision is installed."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .context import NodeContext, Step, Unbounded, constant, unbounded
@@ -24,11 +26,15 @@ def _register() -> None:
     except ImportError:
         return
 
+    # called through their modules' globals, which torch.fx.wrap patches while tracing
+    depth_module = sys.modules["torchvision.ops.stochastic_depth"]
+
     def depth_cases(key, g: torch.Generator) -> list[FuzzCase]:
-        return [FuzzCase(lambda x: stochastic_depth(x, 0.2, "row", False), (randn((2, 3, 4), g),), "eval")]
+        return [FuzzCase(lambda x: depth_module.stochastic_depth(x, 0.2, "row", False), (randn((2, 3, 4), g),),
+                         "eval")]
 
     def patch_merging_cases(key, g: torch.Generator) -> list[FuzzCase]:
-        return [FuzzCase(swin_transformer._patch_merging_pad, (randn((2, 5, 3, 4), g),), "odd H")]
+        return [FuzzCase(lambda x: swin_transformer._patch_merging_pad(x), (randn((2, 5, 3, 4), g),), "odd H")]
 
     for entry in (
         OpEntry((stochastic_depth,), _stochastic_depth_rule, depth_cases, doc="eval: identity"),

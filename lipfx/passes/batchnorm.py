@@ -53,9 +53,26 @@ def _fold_into(layer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
         layer.bias.copy_(new_bias)
 
 
+def _foldable(gm: fx.GraphModule, node: fx.Node, channels: int) -> bool:
+    """Whether the BatchNorm at ``node`` can be folded into its producer: a conv/linear called once,
+    whose only user is this BatchNorm, itself called once, and whose output-channel axis is the
+    axis the BatchNorm normalizes (dim 1). A Linear's output features are the last dim, which is
+    dim 1 only for 2-D inputs: that needs the shapes ``tensor_meta`` records."""
+    prev = node.args[0] if node.args else None
+    prev_module = module_of(gm, prev) if isinstance(prev, fx.Node) else None
+    if not (isinstance(prev_module, FOLDABLE) and len(prev.users) == 1 and call_count(gm, prev.target) == 1
+            and call_count(gm, node.target) == 1 and prev_module.weight.shape[0] == channels):
+        return False
+    if isinstance(prev_module, nn.Linear):
+        meta = prev.meta.get("tensor_meta")
+        return meta is not None and len(meta.shape) == 2
+    return True
+
+
 def fold_batchnorm(gm: fx.GraphModule, report: ConversionReport | None = None) -> fx.GraphModule:
-    """Fold every BatchNorm that directly follows a conv/linear (used nowhere else) into it;
-    turn every other BatchNorm into a :class:`~lipfx.layers.ChannelAffine`. In place; returns gm."""
+    """Fold every BatchNorm into the conv/linear before it where that is exact (see
+    :func:`_foldable`); turn every other BatchNorm into a :class:`~lipfx.layers.ChannelAffine`
+    (one per module, shared by all its calls). In place; returns gm."""
     report = report if report is not None else ConversionReport()
     for node in list(gm.graph.nodes):
         bn = module_of(gm, node)
@@ -63,14 +80,9 @@ def fold_batchnorm(gm: fx.GraphModule, report: ConversionReport | None = None) -
             continue
         label = f"node '{node.name}' (module '{node.target}')"
         a, b = bn_affine(bn, label)
-        prev = node.args[0]
-        prev_module = module_of(gm, prev) if isinstance(prev, fx.Node) else None
-        if (
-            isinstance(prev_module, FOLDABLE)
-            and len(prev.users) == 1
-            and call_count(gm, prev.target) == 1  # a shared layer would change its other uses
-            and prev_module.weight.shape[0] == a.numel()
-        ):
+        if _foldable(gm, node, a.numel()):
+            prev = node.args[0]
+            prev_module = module_of(gm, prev)
             _fold_into(prev_module, a, b)
             node.replace_all_uses_with(prev)
             gm.graph.erase_node(node)
