@@ -13,17 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipfx
-from lipfx.ops.fuzzing import secant_lower_bound
+from lipfx.ops.fuzzing import Probe as Fn, Probe2 as TwoInputs, secant_lower_bound
 from reference import dense_matrix
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 def _dense(fn, shape) -> float:
@@ -132,15 +123,6 @@ def test_statistics_normalisers_have_their_exact_constant(make, shape):
 
 
 # --- shape-only arguments and new 1-Lipschitz ops ------------------------------------------------
-class TwoInputs(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x, y):
-        return self.fn(x, y)
-
-
 @pytest.mark.parametrize("fn,true", [
     (lambda x, y: x.view_as(y) * 2, 2.0),
     (lambda x, y: x.reshape_as(y) + 0 * y, 1.0),
@@ -163,7 +145,7 @@ def test_one_lipschitz_ops_are_sound_and_finite(fn):
     net = TwoInputs(fn)
     bound = lipfx.certificate(net, (x, y)).bound
     assert math.isfinite(bound)
-    assert secant_lower_bound(net, (x, y), torch.Generator().manual_seed(0), pairs=60) <= bound
+    assert secant_lower_bound(net, (x, y), torch.Generator().manual_seed(0), pairs=60) <= bound * (1 + 1e-9)  # (FD rounding)
 
 
 def test_a_bare_layer_is_certified_like_a_one_layer_network():

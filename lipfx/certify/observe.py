@@ -3,25 +3,12 @@ every node's shape, and the values of the nodes that do not depend on the input.
 
 from __future__ import annotations
 
-import builtins
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
-_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
-_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
-
-
-def is_shape_query(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _SHAPE_METHODS
-    if node.op == "call_function":
-        if node.target is builtins.getattr:
-            return node.args[1] in _SHAPE_ATTRS
-        return node.target is builtins.len
-    return False
-
+from ..passes.graph_utils import is_shape_query
 
 def dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
     dep: set[fx.Node] = set()

@@ -32,6 +32,7 @@ from .geometry import ConvGeometry, conv_geometry, describe
 __all__ = [
     "layer_bound",
     "linear_layer_bound",
+    "register_layer_bound",
     "conv_layer_bound",
     "singular_values",
     "clip_operator_norm",
@@ -96,6 +97,35 @@ def singular_values(conv: nn.Module, input_shape: Sequence[int]) -> torch.Tensor
     label = describe(conv)
     spatial = spatial_size(geom, tuple(input_shape), label)
     return conv_singular_values(geom, spatial, label)
+
+
+def register_layer_bound(*types: type):
+    """Deprecated: give the op table entry of ``types`` a ``layer_bound`` piece instead
+    (``lipfx.ops.register(T, rule=..., fuzz=..., layer_bound=...)``). Kept for one release: it adds
+    the piece to each type's entry (an entry with a chain-rule rule from the bound if it has none)."""
+    import warnings
+
+    from ..ops.context import Step
+    from ..ops.table import OpEntry, lookup, table
+
+    warnings.warn("lipfx.norms.register_layer_bound is deprecated: use lipfx.ops.register(..., layer_bound=...)",
+                  DeprecationWarning, stacklevel=2)
+
+    def deco(rule):
+        for t in types:
+            entry = lookup(t)
+            if entry is None:
+                def chain(ctx, rule=rule):
+                    shape = tuple(ctx.shape()[1:])
+                    return Step.affine(rule(ctx.module, shape, ctx.method, describe(ctx.module, ctx.module_name)),
+                                       "registered layer bound")
+
+                entry = OpEntry((t,), chain, leaf=not t.__module__.startswith("torch."))
+            table().add(OpEntry((t,), entry.rule, entry.fuzz, entry.linear_map, rule, entry.normalization,
+                                entry.attribute, entry.sum_sign, entry.size_free, entry.leaf, entry.doc))
+        return rule
+
+    return deco
 
 
 def __getattr__(name: str):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 import torch.fx as fx
 from torch import nn
 
@@ -19,3 +21,31 @@ def replace_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
 
 def call_count(gm: fx.GraphModule, target: str) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def fetch_attr(root: nn.Module, target: str) -> object:
+    """The tensor or module at the dotted name of a get_attr node."""
+    obj: object = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """A node that reads only a tensor's shape, dtype or device, never its values."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is builtins.getattr:
+            return node.args[1] in _SHAPE_ATTRS
+        return node.target is builtins.len
+    return False
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (shape queries and asserts on them do not)."""
+    return [u for u in node.users if not is_shape_query(u)]

@@ -6,6 +6,7 @@ Which parametrization a module gets is the ``normalization`` piece of its op tab
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch.fx as fx
@@ -65,6 +66,7 @@ def normalize(
         module = modules[name]
         entry = lookup(type(module))
         if entry is None or entry.normalization is None:
+            _warn_opaque(name, module, report)
             continue
         attr = entry.attribute
         if parametrize.is_parametrized(module, attr):
@@ -82,3 +84,15 @@ def normalize(
         enable_batching(gm)
     return gm
 
+
+def _warn_opaque(name: str, module, report: Optional[ConversionReport]) -> None:
+    """A module called as one node (a leaf) that holds layers lipfx would normalize: they stay as
+    they are, and the certificate uses the leaf's own rule. Say so instead of doing it silently."""
+    inner = [n for n, m in module.named_modules() if n and (e := lookup(type(m))) is not None and e.normalization]
+    if not inner:
+        return
+    text = (f"'{name}' ({type(module).__name__}) is traced as one node: its layers {inner[:3]}"
+            f"{' ...' if len(inner) > 3 else ''} are not folded, rewritten or normalized")
+    warnings.warn(f"lipfx.normalize: {text}", stacklevel=3)
+    if report is not None:
+        report.add(name, "not-normalized", "opaque leaf: " + text)
