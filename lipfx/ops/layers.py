@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..certify.linear_chains import LinearMap, diagonal
+from ..certify.linear_chains import LinearMap, compose, diagonal
 from ..layers import ChannelAffine, SeparableConv
 from ..normalization.layers import ConvNormalization, DiagonalNormalization, MatrixNormalization
 from ..normalization.options import NormOptions
@@ -87,11 +87,20 @@ def _fuzz_conv(key: type, g: torch.Generator) -> list[FuzzCase]:
 
 # --- lipfx's own layers -------------------------------------------------------------------------
 def _separable_rule(ctx: NodeContext) -> Step:
+    # the pair is one convolution: bound it as one (docs/math.md, section 8), else the product
     shape = tuple(ctx.shape()[1:])
-    dw = layer_bound(ctx.module.depthwise, shape, ctx.method, f"{ctx.module_name}.depthwise")
+    name = ctx.module_name
+    inner = _conv_map(ctx.module.depthwise, f"{name}.depthwise", ctx.shape())
+    outer = _conv_map(ctx.module.pointwise, f"{name}.pointwise", ctx.out_shape)
+    whole = compose(outer, inner) if inner is not None and outer is not None else None
+    dw = layer_bound(ctx.module.depthwise, shape, ctx.method, f"{name}.depthwise")
     mid = (ctx.module.depthwise.out_channels,) + tuple(ctx.shapes[ctx.node][2:])
-    pw = layer_bound(ctx.module.pointwise, mid, ctx.method, f"{ctx.module_name}.pointwise")
-    return Step.affine(dw * pw, "product of depthwise and pointwise bounds")
+    product = dw * layer_bound(ctx.module.pointwise, mid, ctx.method, f"{name}.pointwise")
+    if whole is not None and ctx.method == "auto":
+        composed = whole.bound(shape, f"separable pair '{name}'")
+        if composed < product:
+            return Step.affine(composed, "the pair as one conv")
+    return Step.affine(product, "product of depthwise and pointwise bounds")
 
 
 def _fuzz_separable(key: type, g: torch.Generator) -> list[FuzzCase]:
