@@ -97,6 +97,11 @@ def test_log_softmax_bound_is_sound():
 
     bound = lipfx.certificate(nn.LogSoftmax(dim=-1), torch.zeros(1, 5)).bound
     assert empirical_lipschitz(nn.LogSoftmax(dim=-1), (1, 5), starts=4) <= bound
+    # tight: at nearly one-hot p the Jacobian I - 1 p^T has norm -> sqrt(n)
+    z = torch.tensor([[30.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(nn.LogSoftmax(dim=-1), z).reshape(5, 5)
+    attained = float(torch.linalg.matrix_norm(jac, ord=2))
+    assert attained <= bound <= attained * (1 + 1e-6) and bound == pytest.approx(math.sqrt(5))
 
 
 LINEAR_OPS = [

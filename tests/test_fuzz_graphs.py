@@ -1,7 +1,11 @@
-"""Differential fuzzing of whole graphs: random DAGs of convs, BatchNorms (shared, called twice),
-activations, sums, products with constants, maxima, pooling, indexing, detach and in-place ops.
-Each one's certificate is compared with secant quotients computed without autograd, and
-``convert(normalize=False)`` must reproduce its outputs and keep the certificate sound."""
+"""Differential fuzzing of whole graphs, seeded (hypothesis, derandomized):
+
+- random DAGs of convs, BatchNorms (shared, called twice), activations, sums, products with
+  constants, maxima, pooling, indexing, detach and in-place ops: certified against secant
+  quotients computed without autograd, and ``convert(normalize=False)`` must reproduce their
+  outputs and keep the certificate sound;
+- random chains of every registered op's own fuzz cases (lipfx.ops.fuzzing.random_chain), joined
+  by random linear maps, so every rule is checked inside a graph too."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lipfx
+from lipfx.ops import fuzzing
 from lipfx.ops.fuzzing import secant_lower_bound
 
 C, N = 3, 5  # channels and spatial size of every value in the graph
@@ -112,3 +117,33 @@ def test_the_graph_fuzzer_reaches_every_op():
         net = RandomNet([(op, 0, 0)], 0).double().eval()
         cert = lipfx.certificate(net, torch.randn(1, C, N, N, dtype=torch.float64))
         assert len(cert.records) > 2 and math.isfinite(cert.bound), op
+
+
+# --- chains of every entry's own fuzz cases, joined by random linear maps -------------------------
+ENTRIES = [e for e in lipfx.ops.entries() if e.fuzz is not None]
+
+
+def _check_chain(chain, x, g) -> None:
+    cert = lipfx.certificate(chain, x)
+    lower = secant_lower_bound(chain, (x,), g, pairs=8)
+    assert lower <= cert.bound * (1 + 1e-6) + 1e-12, ([type(o).__name__ for o in chain.ops], lower, cert.bound)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), length=st.integers(2, 4))
+def test_random_chains_of_registered_ops_are_certified_soundly(seed, length):
+    g = torch.Generator().manual_seed(seed)
+    drawn = fuzzing.random_chain(ENTRIES, g, length)
+    if drawn is not None:  # an unbounded op was drawn: nothing finite to compare
+        _check_chain(*drawn, g)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.keys[0] if isinstance(e.keys[0], str)
+                         else getattr(e.keys[0], "__name__", repr(e.keys[0])))
+def test_every_registered_op_in_a_chain(entry):
+    # each rule inside a graph (two of its cases joined by a random map), not only on its own
+    g = torch.Generator().manual_seed(1)
+    drawn = fuzzing.random_chain([entry], g, 2)
+    if drawn is None:
+        pytest.skip("no case to chain (an unbounded op: no finite claim)")
+    _check_chain(*drawn, g)

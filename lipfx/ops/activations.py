@@ -143,12 +143,19 @@ def _prelu_cases(key, g: torch.Generator) -> list[FuzzCase]:
 
 
 def _log_softmax_rule(ctx: NodeContext) -> Step:
-    # Jacobian I - 1 p^T: norm <= 1 + ||1|| ||p|| <= 1 + sqrt(n)
+    # Jacobian I - 1 p^T: ||(I - 1 p^T) v||^2 = sum_i (v_i - p.v)^2, largest with p.v at an entry
+    # v_k, and sum_{i != k} (v_i - v_k)^2 <= n ||v||^2; the limit of one-hot p attains sqrt(n)
     dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
     if dim is None:
         raise Unbounded(f"{ctx.label}: softmax without an explicit dim")
     n = int(ctx.shape()[dim])
-    return Step.scale(1.0 + math.sqrt(n), "log-softmax: ||I - 1p^T|| <= 1 + sqrt(n)")
+    return Step.scale(math.sqrt(n) * (1 + 1e-12), "log-softmax: ||I - 1p^T|| <= sqrt(n)")
+
+
+def _log_softmax_cases(key, g: torch.Generator) -> list[FuzzCase]:
+    # large logits make p nearly one-hot, where the Jacobian's norm approaches sqrt(n)
+    return [FuzzCase(apply(key, dim=d), (randn((3, 8), g, scale),), f"dim={d}, logits x{scale}")
+            for d, scale in ((-1, 3.0), (1, 30.0))]
 
 
 def _fixed(keys: tuple, value: float, method: str, fuzz=_wide) -> OpEntry:
@@ -178,7 +185,7 @@ ENTRIES = (
     OpEntry((nn.ELU, F.elu, F.elu_), _elu_rule, _with_parameter("alpha", (1.0, 2.5)), size_free=True, doc="max(1, |alpha|)"),
     OpEntry((nn.PReLU,), _prelu_rule, _prelu_cases, size_free=True, doc="max(1, max|slope|)"),
     OpEntry((nn.LogSoftmax, F.log_softmax, torch.log_softmax, "log_softmax"), _log_softmax_rule,
-            _with_parameter("dim", (-1, 1)), doc="1 + sqrt(n)"),
+            _log_softmax_cases, doc="sqrt(n)"),
 )
 for _entry in ENTRIES:
     table().add(_entry)

@@ -204,3 +204,63 @@ def check_entry(entry: OpEntry, seed: int = 0) -> list[tuple[Key, float, float]]
                     raise AssertionError(f"{key!r}: {exc}") from None
                 out.append((key, bound, lower))
     return out
+
+
+class Chain(nn.Module):
+    """Fuzz cases of several entries run one after another. Each op's inputs come from the value
+    before it through fixed random matrices (flattened value @ M, reshaped to the input's shape),
+    so any op can follow any other; the first op's first input is the chain's input itself."""
+
+    def __init__(self, cases: Sequence[FuzzCase], maps: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.ops = nn.ModuleList(c.forward if isinstance(c.forward, nn.Module) else nn.Identity() for c in cases)
+        self.fns = [None if isinstance(c.forward, nn.Module) else c.forward for c in cases]
+        self.shapes = [[tuple(x.shape) for x in c.inputs] for c in cases]
+        self.maps = nn.ParameterList(nn.Parameter(m, requires_grad=False) for m in maps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, k = x, 0
+        for i, shapes in enumerate(self.shapes):
+            args = []
+            for j, shape in enumerate(shapes):
+                if i == 0 and j == 0:
+                    args.append(value)
+                else:
+                    args.append((value.reshape(-1) @ self.maps[k]).reshape(shape))
+                    k += 1
+            value = (self.fns[i] or self.ops[i])(*args)
+            if isinstance(value, (tuple, list)):  # chunk, split, max(dim): go on with the first part
+                value = value[0]
+        return value
+
+
+@torch.no_grad()
+def random_chain(entries: Sequence[OpEntry], g: torch.Generator, length: int) -> Optional[tuple[Chain, torch.Tensor]]:
+    """A :class:`Chain` of ``length`` fuzz cases drawn from ``entries``, and its input; None when a
+    drawn op has no usable case (an unbounded op, or one whose output is not a float tensor)."""
+    cases, maps = [], []
+    value = None
+    for i in range(length):
+        entry = entries[int(torch.randint(len(entries), (1,), generator=g))]
+        key = entry.keys[int(torch.randint(len(entry.keys), (1,), generator=g))]
+        drawn = [c for c in entry.fuzz(key, g) if len(c.inputs) in (1, 2) and c.rtol <= 1e-6]
+        if not drawn:
+            return None
+        case = drawn[int(torch.randint(len(drawn), (1,), generator=g))]
+        forward = case.forward.double() if isinstance(case.forward, nn.Module) else case.forward
+        case = FuzzCase(forward, tuple(x.double() for x in case.inputs), case.note)
+        args = []
+        for j, x in enumerate(case.inputs):
+            if i == 0 and j == 0:
+                args.append(x)
+                continue
+            source = case.inputs[0] if i == 0 else value
+            m = torch.randn(source.numel(), x.numel(), generator=g, dtype=torch.float64) / source.numel() ** 0.5
+            maps.append(m)
+            args.append((source.reshape(-1) @ m).reshape(x.shape))
+        value = forward(*[a.clone() for a in args])
+        value = value[0] if isinstance(value, (tuple, list)) else value
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
+            return None
+        cases.append(case)
+    return Chain(cases, maps).eval(), cases[0].inputs[0]
