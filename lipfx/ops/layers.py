@@ -107,7 +107,9 @@ def _fuzz_separable(key: type, g: torch.Generator) -> list[FuzzCase]:
     from ..passes.separable import factorize_conv
 
     sep, _ = factorize_conv(nn.Conv2d(3, 4, 3, padding=1))
-    return [FuzzCase(sep, (randn((2, 3, 6, 6), g),), "exact separable 3->4 3x3")]
+    pointwise, _ = factorize_conv(nn.Conv2d(3, 4, 1))  # composes to one matrix: the bound is exact
+    return [FuzzCase(sep, (randn((2, 3, 6, 6), g),), "exact separable 3->4 3x3"),
+            FuzzCase(pointwise, (randn((2, 3, 4, 4), g),), "separable 3->4 1x1")]
 
 
 def _affine_rule(ctx: NodeContext) -> Step:
