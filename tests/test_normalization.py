@@ -190,6 +190,9 @@ def test_training_gradient_matches_finite_differences(scaling):
 
     for layer, shape in GRADIENT_CASES:
         torch.manual_seed(0)
+        for m in layer.modules():  # the same weights whatever ran before (the list is built at import)
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
         model = nn.Sequential(layer).double().eval()
         randomize_batchnorm(model)
         net = lipfx.convert(model, torch.randn(1, *shape, dtype=torch.float64), K=1.7, scaling=scaling,

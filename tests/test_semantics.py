@@ -58,6 +58,7 @@ def test_detach_is_the_identity_on_values(fn, true):
     lambda t: (lambda h: (h.mul_(3), t + h)[1])(t),                # the input itself, read after
     lambda t: (lambda h: (lambda v: (h.mul_(3), v * 1)[1])(h.view(-1)))(t * 1.0),  # a view read after
     lambda t: (lambda h: (F.relu(h, inplace=True), h * 2)[1])(t - 1.0),
+    lambda t: (lambda h: (h.__setitem__(0, t[0] * 5), h + 1)[1])(t * 1.0),  # x[i] = y, then x read
 ])
 def test_inplace_writes_seen_by_later_readers_are_refused(fn):
     x = torch.randn(2, 4, dtype=torch.float64)

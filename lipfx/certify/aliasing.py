@@ -20,7 +20,9 @@ from torch import nn
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift}
+                      operator.ilshift, operator.irshift, operator.setitem}  # x[i] = y writes into x
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                    "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
 # ops whose result may share memory with their first argument
 _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose",
                  "swapaxes", "swapdims", "t", "squeeze", "unsqueeze", "narrow", "movedim", "moveaxis", "chunk",
@@ -40,7 +42,8 @@ def mutated_input(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[fx.N
         return None
     if node.op == "call_method":
         name = str(node.target)
-        return first if name.endswith("_") and not name.startswith("__") else None
+        writes = (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS
+        return first if writes else None
     if node.op == "call_module":
         return first if getattr(modules.get(node.target), "inplace", False) is True else None
     if node.op != "call_function":
