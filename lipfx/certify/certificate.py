@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import ArgumentError, LipfxError
 from ..norms import METHODS
 from ..ops.context import NodeContext, Step, Unbounded, numel, op_name
-from ..ops.table import lookup
+from ..ops.table import node_entry
 from ..tracing import Inputs, as_tuple, check_inputs, check_model, eval_mode, trace, wrap_torch_layer
 from .dense import DENSE_MAX, linear_region, region_norm
 from .linear_chains import Form, linear_forms
@@ -130,7 +130,7 @@ def _steps(g: _Graph) -> tuple[dict[fx.Node, Step], dict[fx.Node, str]]:
         module = g.module(n)
         ctx = NodeContext(n, module, n.target if module is not None else None, ins, g.shapes, g.constants, g.method,
                           g.dtypes)
-        entry = _entry(n, module)
+        entry = node_entry(n, g.modules)
         try:
             for why in (non_real_reason(g.dtypes.get(n)), g.mutations.get(n)):
                 if why is not None:  # what the node does to values rules out any rule
@@ -149,14 +149,6 @@ def _steps(g: _Graph) -> tuple[dict[fx.Node, Step], dict[fx.Node, str]]:
             raise LipfxError(f"{ctx.label}: rule gave {len(step.factors)} factors for {len(ins)} inputs")
         steps[n] = step
     return steps, reasons
-
-
-def _entry(n: fx.Node, module: Optional[nn.Module]):
-    if n.op == "call_module":
-        return lookup(type(module))
-    if n.op in ("call_function", "call_method"):
-        return lookup(n.target)
-    return None
 
 
 def _walk(g: _Graph, dag: nx.DiGraph, compose_linear: bool, inputs: tuple) -> Certificate:

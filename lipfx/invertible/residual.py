@@ -15,7 +15,7 @@ from ..certify import certificate
 from ..convert import convert
 from ..errors import ArgumentError, LipfxError, ShapeError
 from ..normalization import normalized_layers
-from ..ops.table import lookup
+from ..ops.table import node_entry
 from ..tracing import Inputs, as_tuple, eval_mode, propagate_shapes, trace
 from . import logdet as _logdet
 from .fixed_point import InverseResult, apriori, missed, module_device, module_dtype, norm, stop, warn_return_info
@@ -294,7 +294,7 @@ def _check_size_free(gm: fx.GraphModule) -> None:
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output", "get_attr"):
             continue
-        entry = lookup(type(modules[n.target])) if n.op == "call_module" else lookup(n.target)
+        entry = node_entry(n, modules)
         ok = entry is not None and entry.size_free
         if ok and len(n.all_input_nodes) > 1:  # sums and the like: no broadcasting, whose copies grow with size
             shapes = [a.meta.get("tensor_meta") for a in n.all_input_nodes] + [n.meta.get("tensor_meta")]

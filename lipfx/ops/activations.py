@@ -16,7 +16,7 @@ from torch import nn
 
 from .context import NodeContext, Step, Unbounded, broadcast_factor, constant
 from .fuzzing import FuzzCase, apply, randn, unary
-from .table import OpEntry, table
+from .table import OpEntry, key_name, table
 
 GELU = 1.12891  # max of Phi(x) + x phi(x), at x = sqrt(2)
 GELU_TANH = 1.12900  # the tanh approximation peaks slightly higher
@@ -33,7 +33,7 @@ _wide = unary((3, 8), (2, 3, 5, 4), scale=3.0)  # inputs spread over the activat
 
 
 def _one_lipschitz_cases(key, g: torch.Generator) -> list[FuzzCase]:
-    name = key if isinstance(key, str) else getattr(key, "__name__", "")
+    name = key_name(key)
     args: tuple = ()
     if name.startswith("clamp_min"):
         args = (-0.5,)
@@ -56,7 +56,7 @@ def _clamp_rule(ctx: NodeContext) -> Step:
 
 def _clamp_cases(key, g: torch.Generator) -> list[FuzzCase]:
     cases = _one_lipschitz_cases(key, g)
-    name = key if isinstance(key, str) else getattr(key, "__name__", "")
+    name = key_name(key)
     if name in ("maximum", "minimum", "fmax", "fmin"):
         return [FuzzCase(apply(key), (randn((3, 8), g), randn((3, 8), g)), "two inputs"),
                 FuzzCase(apply(key), (randn((3, 8), g), randn((8,), g)), "broadcast input"),

@@ -16,7 +16,7 @@ from ..norms.conv import matrix_norm
 from ..norms.spectral import RELATIVE_SLACK
 from .context import NodeContext, Step, Unbounded, broadcast_factor, max_abs, unbounded
 from .fuzzing import FuzzCase, apply, randn
-from .table import OpEntry, table
+from .table import OpEntry, key_name, table
 
 PRODUCT_REASON = (
     "product of two input-dependent tensors (attention, a squeeze-excitation or other gate): "
@@ -101,13 +101,9 @@ def _concat(ctx: NodeContext) -> Step:
     return Step(tuple(1.0 for _ in ctx.inputs), "concatenation: sqrt(sum of squares)", combine="l2", linear=True)
 
 
-def _name(key) -> str:
-    return key if isinstance(key, str) else key.__name__
-
-
 def _binary_cases(key, g: torch.Generator) -> list[FuzzCase]:
     """Two inputs (broadcasting too), an input and a constant on either side, and alpha."""
-    name = _name(key)
+    name = key_name(key)
     c = randn((1, 3, 1), g, 2.0)
     out = [FuzzCase(apply(key), (randn(_X, g), randn(_X, g)), "two inputs"),
            FuzzCase(apply(key), (randn(_X, g), randn((3, 1), g)), "broadcast input"),
@@ -129,7 +125,7 @@ def _scaled_cases(key, g: torch.Generator) -> list[FuzzCase]:
 
 def _matmul_cases(key, g: torch.Generator) -> list[FuzzCase]:
     w = randn((4, 5), g)
-    if _name(key) == "bmm":
+    if key_name(key) == "bmm":
         return []  # a batched constant has no rule (unbounded): nothing to compare
     out = [FuzzCase(lambda x: apply(key)(x, w), (randn((3, 4), g),), "x @ W")]
     if not isinstance(key, str):  # a constant's method called on an input is not a call_method node
@@ -143,7 +139,7 @@ def _linear_function_cases(key, g: torch.Generator) -> list[FuzzCase]:
 
 
 def _concat_cases(key, g: torch.Generator) -> list[FuzzCase]:
-    dim = {"stack": 0, "hstack": None, "vstack": None}.get(_name(key), 1)
+    dim = {"stack": 0, "hstack": None, "vstack": None}.get(key_name(key), 1)
     call = (lambda *xs: key(list(xs))) if dim is None else (lambda *xs: key(list(xs), dim))
     return [FuzzCase(call, (randn(_X, g), randn(_X, g)), "two inputs"),
             FuzzCase(lambda x: call(x, x), (randn(_X, g),), "one input twice")]

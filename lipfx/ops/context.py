@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..norms.spectral import RELATIVE_SLACK
+from ..passes.graph_utils import innermost_module
 
 COMBINES = ("sum", "l2")
 
@@ -73,9 +74,8 @@ class NodeContext:
     def label(self) -> str:
         if self.module_name is not None:
             return f"node '{self.node.name}' (module '{self.module_name}', {type(self.module).__name__})"
-        stack = self.node.meta.get("nn_module_stack") or {}
-        inside = next(reversed(stack.values()), None) if stack else None  # innermost module
-        where = f" in module '{inside[0]}'" if isinstance(inside, tuple) and inside[0] else ""
+        inside = innermost_module(self.node)
+        where = f" in module '{inside}'" if inside else ""
         return f"node '{self.node.name}' ({self.op_name}{where})"
 
     @property

@@ -17,13 +17,9 @@ import torch
 
 from .context import NodeContext, Step, Unbounded, constant, numel
 from .fuzzing import FuzzCase, apply, randn
-from .table import OpEntry, table
+from .table import OpEntry, key_name, table
 
 _X = (2, 3, 4)
-
-
-def _name(key) -> str:
-    return key if isinstance(key, str) else key.__name__
 
 
 def _max_rule(ctx: NodeContext) -> Step:
@@ -50,7 +46,7 @@ def _amax_cases(key, g: torch.Generator) -> list[FuzzCase]:
 
 
 def _sort_cases(key, g: torch.Generator) -> list[FuzzCase]:
-    if _name(key) == "topk":
+    if key_name(key) == "topk":
         return [FuzzCase(lambda x: apply(key, 2)(x)[0], (randn(_X, g),), "top-2 values")]
     return [FuzzCase(lambda x: apply(key, 1)(x)[0], (randn(_X, g),), "sorted along dim 1"),
             FuzzCase(lambda x: apply(key, descending=True)(x).values, (randn(_X, g),), "descending")]

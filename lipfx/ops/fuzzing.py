@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentError
-from .table import FuzzCase, Key, OpEntry, scoped, table
+from .table import FuzzCase, Key, OpEntry, node_entry, scoped, table
 
 SHAPES = ((3, 8), (2, 3, 5), (2, 3, 6, 5))
 
@@ -159,14 +159,6 @@ def secant_lower_bound(forward: Callable[..., Any], inputs: Sequence[torch.Tenso
     return best
 
 
-def _entry_of(node, modules: dict) -> Optional[OpEntry]:
-    if node.op == "call_module":
-        return table().entry(type(modules[node.target]))
-    if node.op in ("call_function", "call_method"):
-        return table().entry(node.target)
-    return None
-
-
 def check_case(case: FuzzCase, g: torch.Generator, entry: Optional[OpEntry] = None) -> tuple[float, float]:
     """(certificate, secant lower bound) of one case; raises AssertionError when unsound, or when
     ``entry`` is given and no node of the traced case is certified by it (a vacuous case)."""
@@ -179,7 +171,7 @@ def check_case(case: FuzzCase, g: torch.Generator, entry: Optional[OpEntry] = No
     gm = trace(probe, leaf_modules=("op",) if hasattr(probe, "op") else ())  # the op stays one node
     if entry is not None:
         modules = dict(gm.named_modules())
-        if not any(_entry_of(n, modules) is entry for n in gm.graph.nodes):
+        if not any(node_entry(n, modules) is entry for n in gm.graph.nodes):
             raise AssertionError(f"{case.note}: the traced case never reaches the entry {entry.keys[:3]}")
     bound = certificate(gm, case.inputs).bound
     lower = secant_lower_bound(probe, case.inputs, g)

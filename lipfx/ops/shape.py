@@ -14,7 +14,7 @@ from torch import nn
 
 from .context import NodeContext, Step, Unbounded, broadcast_factor, constant, numel
 from .fuzzing import FuzzCase, apply, randn
-from .table import OpEntry, table
+from .table import OpEntry, key_name, table
 
 _RESHAPE = "reshape/permute/select: norm 1"
 _X = (2, 3, 4)  # the input most shape ops are fuzzed at
@@ -27,10 +27,6 @@ _ARGS: dict[str, tuple] = {  # legal arguments after the input, by op name; inpu
 }
 _SHAPES = {"t": (3, 4), "channel_shuffle": (2, 4, 3, 3), "ChannelShuffle": (2, 4, 3, 3), "pixel_shuffle": (2, 8, 3, 3),
            "PixelShuffle": (2, 8, 3, 3), "pixel_unshuffle": (2, 2, 4, 4), "PixelUnshuffle": (2, 2, 4, 4)}
-
-
-def _name(key) -> str:
-    return key if isinstance(key, str) else key.__name__
 
 
 _SHAPE_ONLY = {"view_as", "reshape_as", "type_as", "expand_as", "to"}  # the second argument gives only a shape/dtype
@@ -57,7 +53,7 @@ def _reshape_rule(ctx: NodeContext) -> Step:
 
 
 def _reshape_cases(key, g: torch.Generator) -> list[FuzzCase]:
-    name = _name(key)
+    name = key_name(key)
     shape = _SHAPES.get(name, _X)
     if name in ("view_as", "reshape_as", "type_as"):
         target = torch.zeros(24 if name != "type_as" else 1, dtype=torch.float64)
@@ -105,7 +101,7 @@ def _copies(ctx: NodeContext) -> Step:
 
 def _copies_cases(key, g: torch.Generator) -> list[FuzzCase]:
     args = {"expand": (2, 3, 4), "repeat": (1, 2, 1), "tile": ((1, 2),), "broadcast_to": ((2, 3, 4),)}
-    name = _name(key)
+    name = key_name(key)
     if name == "expand_as":
         return [FuzzCase(apply(key, torch.zeros(2, 3, 4, dtype=torch.float64)), (randn((2, 1, 4), g),), name),
                 FuzzCase(lambda x, y: x.expand_as(y), (randn((2, 1, 4), g), randn((2, 3, 4), g)), "expand_as(input)")]

@@ -187,6 +187,21 @@ def entries() -> list[OpEntry]:
     return table().entries()
 
 
+def node_entry(node, modules: dict) -> Optional[OpEntry]:
+    """The active table's entry for an fx node: by module type for ``call_module`` (``modules``
+    maps qualified names to modules), by target for functions and methods; None otherwise."""
+    if node.op == "call_module":
+        return lookup(type(modules[node.target]))
+    if node.op in ("call_function", "call_method"):
+        return lookup(node.target)
+    return None
+
+
+def key_name(key: Key) -> str:
+    """A key as a short name: the method name, or the type's or function's ``__name__``."""
+    return key if isinstance(key, str) else getattr(key, "__name__", repr(key))
+
+
 def is_leaf(module: nn.Module) -> bool:
     """Whether the tracer keeps ``module`` as one node because its entry says so."""
     e = lookup(type(module))

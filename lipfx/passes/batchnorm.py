@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import LipfxError
 from ..layers import ChannelAffine
-from .graph_utils import call_count, fetch_attr, module_of, replace_submodule, value_users
+from .graph_utils import call_count, fetch_attr, innermost_module, module_of, replace_submodule, value_users
 from .report import ConversionReport
 
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -136,7 +136,7 @@ def _fold_functional(gm: fx.GraphModule, node: fx.Node, a: torch.Tensor, b: torc
     """Fold an ``F.batch_norm`` call with module statistics into the layer before it, or replace
     it with a new ChannelAffine module (named after the module that made the call)."""
     dtype = node.args[0].meta["tensor_meta"].dtype if "tensor_meta" in node.args[0].meta else torch.float32
-    owner = _caller(node) or node.name
+    owner = innermost_module(node) or node.name
     if _foldable(gm, node, a.numel()):
         prev = node.args[0]
         _fold_into(module_of(gm, prev), a, b)
@@ -152,13 +152,6 @@ def _fold_functional(gm: fx.GraphModule, node: fx.Node, a: torch.Tensor, b: torc
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     report.add(name, "bn-affine", f"batch_norm of {owner}: max |scale| = {float(a.abs().max()):.4g}")
-
-
-def _caller(node: fx.Node) -> str | None:
-    """The innermost module whose forward made this call (fx records the module stack)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    inner = next(reversed(stack.values()), None) if stack else None
-    return inner[0] if isinstance(inner, tuple) and inner[0] else None
 
 
 def remove_batchnorm(gm: fx.GraphModule, report: ConversionReport | None = None) -> fx.GraphModule:

@@ -49,3 +49,11 @@ def is_shape_query(node: fx.Node) -> bool:
 def value_users(node: fx.Node) -> list[fx.Node]:
     """The users of ``node`` that read its values (shape queries and asserts on them do not)."""
     return [u for u in node.users if not is_shape_query(u)]
+
+
+def innermost_module(node: fx.Node) -> str | None:
+    """The qualified name of the innermost module whose forward made this call (fx records the
+    module stack), or None at the top level."""
+    stack = node.meta.get("nn_module_stack") or {}
+    inner = next(reversed(stack.values()), None) if stack else None
+    return inner[0] if isinstance(inner, tuple) and inner[0] else None
