@@ -2,6 +2,7 @@
 blocks unnormalized and with i-ResNet's power iteration on the full conv operator.
 
     python benchmarks/invertible_overhead.py [--cases a,b] [--steps 10] [--device cpu|cuda] [--malloc tuned|default]
+                                             [--power-iters 2]
 
 Flow (issue 6): Squeeze(2), then 4 `InvertibleResidual` blocks (coeff 0.9), each branch
 conv3x3 - ELU - conv1x1 - ELU - conv3x3 (convs kept whole). Cases: (a) 1x16x16 inputs, hidden 32;
@@ -9,7 +10,8 @@ conv3x3 - ELU - conv1x1 - ELU - conv3x3 (convs kept whole). Cases: (a) 1x16x16 i
 terms, Hutchinson, Neumann-series gradient) + backward of the negative log-likelihood + Adam step.
 Variants, on the same blocks and the same log-det code:
   plain       the branches' weights as plain parameters (lipfx.bake of the converted branch)
-  lipfx       InvertibleResidual as built (FFT bound per conv, warm power iteration on 1x1s)
+  lipfx       InvertibleResidual as built (the FFT spectrum of each conv with warm power steps per
+              frequency block, warm power iteration on 1x1s)
   full-power  plain branches with one warm power step per forward on each conv's whole operator
               (i-ResNet's estimate; its state is input-sized)
 Variants run interleaved, round after round; the median step time is reported with its ratio to
@@ -45,10 +47,10 @@ def branch(channels: int, hidden: int) -> nn.Module:
                          nn.Conv2d(hidden, channels, 3, padding=1))
 
 
-def flows(shape: tuple[int, ...], hidden: int, blocks: int = 4, refresh: float = 1e-3) -> dict[str, InvertibleSequential]:
+def flows(shape: tuple[int, ...], hidden: int, blocks: int = 4, power_iters: int = 2) -> dict[str, InvertibleSequential]:
     c, h, w = shape
     example = torch.zeros(1, 4 * c, h // 2, w // 2)
-    lip = InvertibleSequential(Squeeze(2), *[InvertibleResidual(branch(4 * c, hidden), 0.9, example, refresh=refresh)
+    lip = InvertibleSequential(Squeeze(2), *[InvertibleResidual(branch(4 * c, hidden), 0.9, example, power_iters=power_iters)
                                              for _ in range(blocks)])
     out = {"lipfx": lip}
     for variant in ("plain", "full-power"):
@@ -106,7 +108,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed rounds (each runs every variant once)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", default="a=64,b=32", help="batch size per case")
-    ap.add_argument("--refresh", type=float, default=1e-3, help="lipfx's drift threshold for full FFT searches")
+    ap.add_argument("--power-iters", type=int, default=2, help="lipfx's power steps per training step")
     add_malloc_option(ap)
     args = ap.parse_args()
     malloc = set_malloc(args.malloc)
@@ -117,7 +119,7 @@ def main() -> None:
     for key in args.cases.split(","):
         label, shape, hidden = CASES[key]
         batch = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.batch.split(",")))[key]
-        nets = {k: v.to(args.device).train() for k, v in flows(shape, hidden, refresh=args.refresh).items()}
+        nets = {k: v.to(args.device).train() for k, v in flows(shape, hidden, power_iters=args.power_iters).items()}
         x = torch.randn(batch, *shape, device=args.device)
         medians = interleaved_medians({k: step_fn(v, x) for k, v in nets.items()}, args.steps, args.device)
         for k, flow in nets.items():

@@ -2,10 +2,12 @@
 and with two peers on the same layers.
 
     python benchmarks/training_overhead.py [--cases a,b,c] [--steps 5] [--device cpu|cuda] [--malloc tuned|default]
+                                           [--amp none|bf16|fp16] [--channels-last] [--power-iters 2]
 
 Cases (issue 4): (a) MobileNetV2 at 224x224, (b) ResNet-34 with every conv rewritten as
 depthwise-separable, BatchNorm removed, at 32x32 (the paper's CIFAR setup), (c) a small 3-D conv
-net on 1x64x64x64 volumes. Variants, all on the same converted network:
+net on 1x64x64x64 volumes, (d) MobileNetV2 at 160x160 (issue 17: the fixed cost per step).
+Variants, all on the same converted network:
   plain       lipfx.convert(..., normalize=False)
   lipfx       lipfx.convert(...) (FFT bounds for depthwise parts, warm power iteration on the
               small pointwise/linear matrices), all weights computed when the forward starts
@@ -14,8 +16,10 @@ net on 1x64x64x64 volumes. Variants, all on the same converted network:
               heuristic, NOT a bound on a conv's norm; one power step per forward)
   full-power  one warm-started power step per forward on the full conv operator (i-ResNet's
               approach; its state is input-sized)
-Step = forward + backward + SGD step. Variants run interleaved, round after round, and the median
-step time is reported with its ratio to `plain`; state = bytes of normalization buffers.
+Step = forward + backward + SGD step (under torch.autocast with --amp; fp16 adds a GradScaler).
+Variants run interleaved, round after round, and the median step time is reported with its ratio
+to `plain`; state = bytes of normalization buffers; syncs = tensor values read on the host in one
+step (lipfx.host_syncs: each is a wait for the device on a GPU).
 
 On CPU, glibc's malloc by default hands every large activation back to the kernel when it is
 freed, so each step page-faults its activations in again: on 2 cores that is up to 40% of a
@@ -39,6 +43,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 import lipfx
+from lipfx.host_syncs import count_host_syncs
 from lipfx.tracing import input_shapes
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -66,10 +71,10 @@ class FullOperatorPower(nn.Module):
         return weight / sigma
 
 
-def variants(model: nn.Module, x: torch.Tensor, bn: str, refresh: float = 1e-3) -> dict[str, nn.Module]:
+def variants(model: nn.Module, x: torch.Tensor, bn: str, power_iters: int = 2) -> dict[str, nn.Module]:
     plain = lipfx.convert(model, x[:1], normalize=False, bn=bn)
-    out = {"plain": plain, "lipfx": lipfx.convert(model, x[:1], K=1.0, bn=bn, refresh=refresh),
-           "lipfx-layer": lipfx.convert(model, x[:1], K=1.0, bn=bn, refresh=refresh, batched=False)}
+    out = {"plain": plain, "lipfx": lipfx.convert(model, x[:1], K=1.0, bn=bn, power_iters=power_iters),
+           "lipfx-layer": lipfx.convert(model, x[:1], K=1.0, bn=bn, power_iters=power_iters, batched=False)}
     sn = lipfx.convert(model, x[:1], normalize=False, bn=bn)
     for name, m in list(sn.named_modules()):
         if isinstance(m, CONVS + (nn.Linear,)):
@@ -85,30 +90,42 @@ def variants(model: nn.Module, x: torch.Tensor, bn: str, refresh: float = 1e-3) 
 
 
 def state_bytes(net: nn.Module) -> int:
-    """Buffers, extra parameters and extra state (lipfx: the kernels at the last full FFT
-    evaluation) that the normalization keeps beside the weights."""
+    """Buffers and extra parameters that the normalization keeps beside the weights."""
     total = 0
     for m in net.modules():
         if parametrize.is_parametrized(m):
             for plist in m.parametrizations.values():
                 total += sum(b.numel() * b.element_size() for b in plist.buffers())
                 total += sum(p.numel() * p.element_size() for p in plist.parameters() if p is not plist.original)
-                for p in plist:
-                    extra = p.get_extra_state() if isinstance(p, lipfx.normalization.ConvNormalization) else {}
-                    total += sum(t.numel() * t.element_size() for t in extra.values() if isinstance(t, torch.Tensor))
     return total
 
 
-def step_fn(net: nn.Module, x: torch.Tensor, classes: int):
+def step_fn(net: nn.Module, x: torch.Tensor, classes: int, amp: str = "none"):
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     y = torch.randint(0, classes, (x.shape[0],), device=x.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(x.device.type) if amp == "fp16" else None
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            loss = nn.functional.cross_entropy(net(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
 
     return step
+
+
+def host_syncs(step) -> int:
+    """Tensor values one step reads on the host (GradScaler's inf check reads one by design)."""
+    with count_host_syncs() as syncs:
+        step()
+    return syncs.total
 
 
 def timed(fn, device: str) -> float:
@@ -166,6 +183,7 @@ CASES = {
     "a": ("MobileNetV2 @224", lambda: torchvision.models.mobilenet_v2(num_classes=1000), (3, 224, 224), "fold", 1000),
     "b": ("ResNet-34 separable @32, no BN", lambda: torchvision.models.resnet34(num_classes=10), (3, 32, 32), "remove", 10),
     "c": ("3-D conv net @1x64^3", small_3d, (1, 64, 64, 64), "fold", 2),
+    "d": ("MobileNetV2 @160", lambda: torchvision.models.mobilenet_v2(num_classes=1000), (3, 160, 160), "fold", 1000),
 }
 
 
@@ -173,27 +191,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="a,b,c")
     ap.add_argument("--steps", type=int, default=5, help="timed rounds (each runs every variant once)")
-    ap.add_argument("--batch", default="a=8,b=128,c=2", help="batch size per case, e.g. a=8,b=128,c=2")
+    ap.add_argument("--batch", default="a=8,b=128,c=2,d=8", help="batch size per case, e.g. a=8,b=128,c=2")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--refresh", type=float, default=1e-3, help="lipfx's drift threshold for full FFT searches")
+    ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="torch.autocast dtype")
+    ap.add_argument("--channels-last", action="store_true", help="channels_last memory format (4-D inputs)")
+    ap.add_argument("--power-iters", type=int, default=2, help="lipfx's power steps per training step")
     add_malloc_option(ap)
     args = ap.parse_args()
     malloc = set_malloc(args.malloc)
     batch = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.batch.split(",")))
     torch.manual_seed(0)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; malloc: {malloc}; {args.steps} timed rounds after 2 warm-up rounds")
-    print(f"{'case':<32} {'variant':<11} {'step (ms)':>10} {'ratio':>7} {'state bytes':>12}")
+    print(f"device: {name}; torch {torch.__version__}; malloc: {malloc}; amp: {args.amp}; "
+          f"channels_last: {args.channels_last}; {args.steps} timed rounds after 2 warm-up rounds")
+    print(f"{'case':<32} {'variant':<11} {'step (ms)':>10} {'ratio':>7} {'state bytes':>12} {'syncs':>6}")
     for key in args.cases.split(","):
         label, make, shape, bn, classes = CASES[key]
         model = make().eval()
         x = torch.randn(batch[key], *shape)
-        nets = {k: v.to(args.device).train() for k, v in variants(model, x, bn, args.refresh).items()}
+        nets = {k: v.to(args.device).train() for k, v in variants(model, x, bn, args.power_iters).items()}
         x = x.to(args.device)
-        medians = interleaved_medians({k: step_fn(v, x, classes) for k, v in nets.items()}, args.steps, args.device)
+        if args.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+            nets = {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}
+        steps = {k: step_fn(v, x, classes, args.amp) for k, v in nets.items()}
+        syncs = {k: host_syncs(fn) for k, fn in steps.items()}
+        medians = interleaved_medians(steps, args.steps, args.device)
         for k, med in medians.items():
             print(f"{label + ' b=' + str(batch[key]):<32} {k:<11} {med * 1e3:10.1f} {med / medians['plain']:7.3f} "
-                  f"{state_bytes(nets[k]):12,d}")
+                  f"{state_bytes(nets[k]):12,d} {syncs[k]:6d}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .budget import fit_budget, fit_constants
 from .errors import ArgumentError, ShapeError
 from .normalization import KSpec, normalize as register_normalization
+from .normalization.options import POWER_ITERS, warn_retired
 from .passes import ConversionReport, fold_batchnorm, remove_batchnorm, rewrite_separable
 from .tracing import Inputs, as_tuple, check_inputs, check_model, eval_mode, trace, wrap_torch_layer
 
@@ -27,14 +28,15 @@ def convert(
     normalize: bool = True,
     scaling: str = "hard",
     s_init: float = 3.0,
-    eps: float = 0.01,
-    refresh: float = 1e-3,
+    power_iters: int = POWER_ITERS,
     batched: bool = True,
     bn: Optional[str] = "fold",
     separable: Optional[str] = "exact",
     rank: Optional[int] = None,
     leaf_modules: Iterable[str] = (),
     lipschitz: Optional[float] = None,
+    eps: Optional[float] = None,
+    refresh: Optional[float] = None,
 ) -> fx.GraphModule:
     """Trace ``model`` with torch.fx, rewrite it from depthwise-separable convolutions with
     BatchNorm folded or removed, and (by default) make every layer K-Lipschitz.
@@ -50,10 +52,8 @@ def convert(
             plain rewrite (same outputs as ``model`` for ``separable="exact"``).
         scaling: ``"hard"`` (norm K) or ``"soft"`` (norm K * tanh(s), s learnable per layer).
         s_init: initial s for soft scaling.
-        eps: relative stopping tolerance of the pointwise/linear power iteration.
-        refresh: relative kernel drift after which a spatial conv's FFT bound is searched over
-            the whole spectrum again in training (see :func:`lipfx.normalize`); a layer's norm
-            stays in [K (1 - refresh) / (1 + refresh), K].
+        power_iters: warm power steps per training step for pointwise/linear layers and full
+            convs (see :func:`lipfx.normalize`). Depthwise convs are bounded exactly every step.
         batched: compute all normalized weights together at the start of each training forward
             (see :func:`lipfx.normalize`); ``False`` computes each just before its layer.
         bn: ``"fold"`` folds each BatchNorm into the conv/linear right before it, using the
@@ -72,12 +72,14 @@ def convert(
             Without ``normalize``, conv/linear weights are rescaled once to a common norm. The
             choice is in the report (action ``'budget'``), the certificate of the result in
             ``lipfx_certificate``.
+        eps, refresh: retired; ignored, with a warning (see :func:`lipfx.normalize`).
 
     Returns:
         A ``torch.fx.GraphModule`` whose ``lipfx_report`` (:class:`ConversionReport`) lists what
         was done to each layer, with the relative kernel error of low-rank rewrites. Node
         ``meta['tensor_meta']`` holds each node's shape for ``example_inputs``.
     """
+    warn_retired(eps, refresh, "lipfx.convert")
     check_model(model, "lipfx.convert")
     check_inputs(example_inputs)
     if bn not in BN_MODES + (None,):
@@ -97,7 +99,7 @@ def convert(
     gm.recompile()
     _propagate_shapes(gm, example_inputs, work)
     if normalize:
-        register_normalization(gm, K, scaling=scaling, s_init=s_init, eps=eps, refresh=refresh,
+        register_normalization(gm, K, scaling=scaling, s_init=s_init, power_iters=power_iters,
                                batched=batched, report=report)
     if lipschitz is not None:
         fit = fit_constants if normalize else fit_budget

@@ -76,7 +76,12 @@ def sgd_steps(net: nn.Module, x: torch.Tensor, steps: int = 4, lr: float = 0.5) 
 
 
 @pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow), "mobilenet_v2"])
-def test_every_layer_stays_below_K_after_large_sgd_steps(name, zoo):
+@pytest.mark.parametrize("lr, train_slack", [(0.05, 1e-3), (0.5, 0.1)])
+def test_every_layer_stays_below_K_after_large_sgd_steps(name, lr, train_slack, zoo):
+    """Eval mode: every layer's true norm <= K exactly. Training mode runs a fixed number of
+    warm power steps per step (no host-side stopping rule): within 1e-3 of K after large steps
+    (lr 0.05), and lagging by at most 10% right after steps that move the weights far (lr 0.5;
+    measured 8.5% on MobileNetV2, 3.5% on ResNet-18; docs/math.md 5.2)."""
     model = zoo.shared(name, num_classes=10)  # convert copies it
     x = torch.randn(4, 3, 32, 32)
     K = 2.0
@@ -84,10 +89,10 @@ def test_every_layer_stays_below_K_after_large_sgd_steps(name, zoo):
     shapes = layer_inputs(net, x[:1])
     before = {n: m.parametrizations.weight.original.detach().clone()
               for n, m, p in normalized_layers(net) if not isinstance(p, DiagonalNormalization)}
-    sgd_steps(net, x)
+    sgd_steps(net, x, lr=lr)
     layers = list(normalized_layers(net))
     assert len(layers) == len(shapes) > 30
-    moved = [n for n, m, p in layers if n in before and not torch.allclose(before[n], m.parametrizations.weight.original)]
+    moved = [n for n, m, p in layers if n in before and not torch.equal(before[n], m.parametrizations.weight.original)]
     assert len(moved) >= 0.9 * len(before)  # the optimiser really changed the weights
     kinds = {type(p) for _, _, p in layers}
     assert {ConvNormalization, MatrixNormalization} <= kinds
@@ -95,7 +100,7 @@ def test_every_layer_stays_below_K_after_large_sgd_steps(name, zoo):
     worst_train = max(true_norm(m, p, shapes[n]) / K for n, m, p in layers)
     net.eval()
     worst_eval = max(true_norm(m, p, shapes[n]) / K for n, m, p in layers)
-    assert worst_train <= 1 + 1e-3, worst_train
+    assert worst_train <= 1 + train_slack, worst_train
     assert worst_eval <= 1.0, worst_eval
     assert worst_eval > 0.9  # normalization targets K, it does not merely stay below it
 
@@ -136,35 +141,64 @@ def test_every_layer_kind_on_a_small_net_against_dense_svd():
             assert any(isinstance(m, ChannelAffine) for _, m, _ in layers)
 
 
-def test_drift_bound_between_full_evaluations_stays_sound_and_tight():
-    """Training reuses the last full FFT evaluation plus the kernel's tap drift: it must never
-    fall below the bound recomputed from scratch, and stay within (1 + r) / (1 - r) of it: with
-    drift d <= r b, the true norm is at least b - d (docs/math.md, section 7)."""
-    from lipfx.norms.training import peak
+CONV_TRAIN_CASES = [  # (conv, input size): depthwise (exact blocks) and dense (power-iterated blocks)
+    (nn.Conv2d(6, 6, 3, padding=1, groups=6, padding_mode="reflect"), (9, 9)),  # 1x1 blocks, ||P||
+    (nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), (9, 8)),  # polyphase: 1x4 rows
+    (nn.Conv2d(3, 3, 3, groups=3, dilation=2), (7, 8)),  # dilated
+    (nn.Conv2d(4, 12, 3, stride=2, padding=1, groups=4), (15, 15)),  # dense 3x4 blocks
+    (nn.Conv1d(3, 5, 4, padding=2), (11,)),  # dense
+]
+
+
+def test_conv_training_bound_tracks_the_fft_bound_at_every_step():
+    """Every training step searches the whole spectrum (docs/math.md, 7.3). Against the
+    certificate's float64 circulant bound on the same grid (sections 1-3; times ||P|| on the
+    padded input for reflect padding) and the dense SVD of the layer's operator: depthwise blocks
+    give that bound itself at every step, so the value is above the true norm; dense blocks
+    (estimates) stay within 1e-3 of it while the kernel moves, catching up within two steps after
+    a large jump. A 2% mutation of either check fails."""
+    from lipfx.norms.conv import zero_padded_grid
+    from lipfx.norms.geometry import conv_geometry, padding_norm
+    from lipfx.norms.spectral import max_transfer_norm, phase_stack
     from reference import dense_matrix
 
     torch.manual_seed(0)
-    for conv, size in [(nn.Conv2d(4, 12, 3, stride=2, padding=1, groups=4), (15, 15)),
-                       (nn.Conv2d(6, 6, 3, padding=1, groups=6, padding_mode="reflect"), (9, 9))]:
-        net = lipfx.convert(nn.Sequential(conv), torch.randn(1, conv.in_channels, *size), separable=None).train()
+    for conv, size in CONV_TRAIN_CASES:
+        net = lipfx.convert(nn.Sequential(conv), torch.randn(1, conv.in_channels, *size), separable=None).double().train()
         m = net.get_submodule("0")
         p = m.parametrizations.weight[0]
         w = m.parametrizations.weight.original
-        full = 0
-        for step in range(60):
+        reflect = conv.padding_mode != "zeros"
+        for step in range(12):
             with torch.no_grad():
-                w.add_(torch.randn_like(w) * (1e-5 if step % 20 else 1e-2))
-            before = p._ref
-            got = p.train_bound(w.detach()).value
-            full += p._ref is not before
-            exact = peak(p._geometry(w.detach()), size).value
-            r = p.refresh
-            assert exact * (1 - 1e-6) <= got <= exact * (1 + r) / (1 - r) * (1 + 1e-6), (step, got, exact)
-            # and against the layer's true norm (dense SVD of its operator, float64)
+                w.add_(torch.randn_like(w) * (0.3 if step == 6 else 1e-3))  # one large jump
+            got = float(p.train_bound(w.detach(), gradient=False).value)
             with torch.no_grad():
-                op = dense_matrix(lambda x: m._conv_forward(x, w.double(), None), (conv.in_channels, *size))
-            assert float(torch.linalg.matrix_norm(op, ord=2)) <= got * (1 + 1e-6), step
-        assert 2 <= full < 30  # the big steps force a full evaluation, the small ones do not
+                op = dense_matrix(lambda x: m._conv_forward(x, w, None), (conv.in_channels, *size))
+                geom = conv_geometry(m, "conv")
+                n, factor = size, 1.0
+                if reflect:  # ||P|| (section 3.3) times the valid conv on the padded input
+                    factor = padding_norm(conv.padding_mode, size, geom.pads)
+                    n = tuple(k + lo + hi for k, (lo, hi) in zip(size, geom.pads))
+                    geom = conv_geometry(nn.Conv2d(6, 6, 3, groups=6), "valid")
+                grid = zero_padded_grid(geom, n)
+                stacked = phase_stack(_dilate(w, conv.dilation), conv.groups, conv.stride)
+                fft = factor * max_transfer_norm(stacked, tuple(g // s for g, s in zip(grid, conv.stride)))
+            if not p.dense:
+                assert got == pytest.approx(fft, rel=1e-7), (conv, step)  # fft carries a round-off margin
+                assert float(torch.linalg.matrix_norm(op, ord=2)) <= got * (1 + 1e-9), (conv, step)
+            elif step in (6, 7):  # the jump: the lift of 5.2 may overshoot (a smaller norm, not unsound)
+                assert 0.9 * fft <= got <= 1.1 * fft, (conv, step, got / fft)
+            else:  # an estimate, not a bound: within 1e-3 of the bound
+                assert got == pytest.approx(fft, rel=1e-3), (conv, step, got / fft)
+
+
+def _dilate(w: torch.Tensor, dilation) -> torch.Tensor:
+    """The kernel with dilation - 1 zeros between taps (what the conv applies)."""
+    shape = w.shape[:2] + tuple(d * (k - 1) + 1 for k, d in zip(w.shape[2:], dilation))
+    out = w.new_zeros(shape)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)] = w
+    return out
 
 
 GRADIENT_CASES = [  # (layer, input shape): every path of the training bound's closed-form gradient
@@ -185,9 +219,7 @@ GRADIENT_CASES = [  # (layer, input shape): every path of the training bound's c
 def test_training_gradient_matches_finite_differences(scaling):
     """The hand-written backward (closed-form gradient of the bound at its argmax block) against
     central differences of the training forward itself, in float64, with the bound recomputed
-    exactly at every call (refresh=0, power iteration run to convergence)."""
-    from lipfx.norms.training import peak, peak_gradient, peak_map
-
+    exactly at every call (power iteration run to convergence)."""
     for layer, shape in GRADIENT_CASES:
         torch.manual_seed(0)
         for m in layer.modules():  # the same weights whatever ran before (the list is built at import)
@@ -196,20 +228,13 @@ def test_training_gradient_matches_finite_differences(scaling):
         model = nn.Sequential(layer).double().eval()
         randomize_batchnorm(model)
         net = lipfx.convert(model, torch.randn(1, *shape, dtype=torch.float64), K=1.7, scaling=scaling,
-                            s_init=0.8, separable=None, refresh=0.0).double().train()  # K and s too
+                            s_init=0.8, separable=None).double().train()  # K and s too
         [(name, host, p)] = list(normalized_layers(net))
         plist = getattr(host.parametrizations, "scale" if isinstance(p, DiagonalNormalization) else "weight")
         w = plist.original
-        if isinstance(p, MatrixNormalization):
-            p.eps, p.max_iter = 1e-13, 5000
-        if isinstance(p, ConvNormalization):
-            for _ in range(30):  # converge the warm-started singular vector of the peak block
-                p.train_bound(w.detach())
-            # the peak block as a linear map of the kernel reproduces the FFT search's value
-            (n, at), = p._ref.peaks
-            start = None if p._grad_start is None else p._grad_start[1]
-            sigma, _, _ = peak_gradient(w.detach(), p.groups, peak_map(p._geometry(w.detach()), n, at), at, start)
-            assert sigma == pytest.approx(peak(p._geometry(w.detach()), n).value, rel=1e-6), layer
+        if isinstance(p, (MatrixNormalization, ConvNormalization)):
+            p.power_iters = 3000  # converged: the bound is the same function at every call
+            p.train_bound(w.detach())
         g = torch.randn_like(w)
         direction = torch.randn_like(w)
 
@@ -243,7 +268,7 @@ def test_gradient_penalty_trains_through_the_normalization():
     x = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
     net = lipfx.convert(critic, x[:1].detach(), K=1.3).train()
     for _, _, p in normalized_layers(net):
-        p.eps, p.max_iter = 1e-13, 5000
+        p.power_iters = 5000
 
     def penalty(forward):
         (gx,) = torch.autograd.grad(forward(x).sum(), x, create_graph=True)
@@ -373,7 +398,7 @@ def test_print_shows_where_normalization_sits():
     net = lipfx.convert(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2)), torch.randn(1, 3, 9, 9), K=20)
     text = str(net)
     assert "ConvNormalization(K=20, hard, bound=fft@9x9)" in text
-    assert "MatrixNormalization(K=20, hard, bound=power-iteration(eps=0.01))" in text
+    assert "MatrixNormalization(K=20, hard, bound=power-iteration(2/step))" in text
 
 
 @pytest.fixture(scope="module")

@@ -66,3 +66,18 @@ def test_readme_cli_examples_run(tmp_path):
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, (cmd, result.stderr)
         assert "Lipschitz bound" in result.stdout
+
+
+def test_readme_ddp_script_runs_under_torchrun(tmp_path):
+    """The README's DDP script, verbatim, with the torchrun command of its first line (2 gloo ranks)."""
+    [script] = [b for b in _blocks("py") if "torchrun" in b]
+    name, command = re.match(r"# (\S+), run with:\s+torchrun (.*)", script.splitlines()[0]).groups()
+    (tmp_path / name).write_text(script)
+    args = command.split()
+    assert args[-1] == name and "--nproc_per_node=2" in args
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run"] + args, cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bound = float(re.search(r"certified bound: (\S+)", result.stdout).group(1))
+    assert 0 < bound < 10

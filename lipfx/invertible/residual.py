@@ -15,6 +15,7 @@ from ..certify import certificate
 from ..convert import convert
 from ..errors import ArgumentError, LipfxError, ShapeError
 from ..normalization import normalized_layers
+from ..normalization.options import POWER_ITERS, warn_retired
 from ..ops.table import node_entry
 from ..tracing import Inputs, as_tuple, eval_mode, propagate_shapes, trace
 from . import logdet as _logdet
@@ -38,8 +39,8 @@ class InvertibleResidual(nn.Module):
         separable: rewrite convs into depthwise-separable pairs (``"exact"``, ``"fresh"``) or keep
             them whole (``None``, the default: one tight FFT bound per conv, so the certified
             contraction is close to ``coeff``; a separable pair's two factors bound it loosely).
-        bn, scaling, eps, refresh, leaf_modules: as in :func:`lipfx.convert` (``refresh`` trades
-            how close each layer stays to its constant in training for fewer full FFT searches).
+        bn, scaling, power_iters, leaf_modules: as in :func:`lipfx.convert`. ``eps`` and
+            ``refresh`` are retired (ignored, with a warning).
 
     Attributes:
         certified_at: where the contraction holds: the input shape without batch dim (a tuple)
@@ -55,15 +56,17 @@ class InvertibleResidual(nn.Module):
 
     def __init__(self, branch: nn.Module, coeff: float = 0.9, example_inputs: Optional[Inputs] = None, *,
                  separable: Optional[str] = None, bn: Optional[str] = "fold", scaling: str = "hard",
-                 eps: float = 0.01, refresh: float = 1e-3, leaf_modules: Sequence[str] = ()) -> None:
+                 power_iters: int = POWER_ITERS, leaf_modules: Sequence[str] = (),
+                 eps: Optional[float] = None, refresh: Optional[float] = None) -> None:
         super().__init__()
+        warn_retired(eps, refresh, "InvertibleResidual")
         if not 0 < coeff < 1:
             raise ArgumentError(f"coeff must be in (0, 1) for an invertible block, got {coeff}")
         every_size = example_inputs is None
         x = _probe(branch, leaf_modules) if every_size else as_tuple(example_inputs)[0][:1]
         try:
             self.branch: fx.GraphModule = convert(branch, x, K=1.0, lipschitz=coeff, separable=separable, bn=bn,
-                                                  scaling=scaling, eps=eps, refresh=refresh,
+                                                  scaling=scaling, power_iters=power_iters,
                                                   leaf_modules=leaf_modules)
             if every_size:
                 _check_size_free(self.branch)

@@ -8,6 +8,7 @@ until the parameters change: then every layer's norm is <= K exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -28,6 +29,7 @@ class LipschitzNormalization(nn.Module):
     """
 
     kind = "?"
+    differentiable_bound = False  # True: train_bound gets the live weight and returns a value with autograd history
 
     def __init__(self, K: float, scaling: str = "hard", s_init: float = 3.0, name: str = "") -> None:
         super().__init__()
@@ -46,10 +48,15 @@ class LipschitzNormalization(nn.Module):
         self._cache_source: Optional[torch.Tensor] = None  # the weight the factor was computed for
         self._generation = 0
         self._prepared: Optional[tuple] = None  # this forward's weight, see _prepare_hook
+        # relative residual ||A^T A v - sigma^2 v|| / sigma^2 of the last training step's power
+        # iteration (0 where the bound is exact): a device tensor, read only when asked for
+        self.register_buffer("residual", torch.zeros(()), persistent=False)
 
     # -- what subclasses provide -------------------------------------------------------------
     def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
-        """The bound used in training mode (``weight`` detached), with its gradient if asked."""
+        """The bound used in training mode as a 0-d tensor, with its gradient if asked: factored
+        (``weight`` detached), or through autograd (``differentiable_bound``, ``weight`` live).
+        Must not read tensor values on the host (tests/test_host_syncs.py counts)."""
         raise NotImplementedError
 
     def exact_bound(self, weight: torch.Tensor) -> float:
@@ -70,10 +77,11 @@ class LipschitzNormalization(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training:
-            prepared, self._prepared = self._prepared, None
-            if (prepared is not None and prepared[0] is weight and prepared[1] == weight._version
-                    and prepared[2] == torch.is_grad_enabled()):
-                return prepared[3]  # computed with every other layer's at the start of this forward
+            if not torch.compiler.is_compiling():
+                prepared, self._prepared = self._prepared, None
+                if (prepared is not None and prepared[0] is weight and prepared[1] == weight._version
+                        and prepared[2] == torch.is_grad_enabled()):
+                    return prepared[3]  # computed with every other layer's at the start of this forward
             return self._train_forward(weight)
         factor = self._eval_factor(weight)
         needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (self.s is not None and self.s.requires_grad))
@@ -85,15 +93,19 @@ class LipschitzNormalization(nn.Module):
             self._cache_weight_key = self._cache_key
         return self._cache_weight
 
-    @torch.compiler.disable  # python-side state and data-dependent steps: run eagerly
     def _train_forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The training-mode weight: device tensors and static control flow only (no value is
+        read on the host, so it neither waits for the device nor breaks a compiled graph)."""
         scale = self.scale()
         needs_grad = torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)
-        bound = self.train_bound(weight.detach(), gradient=needs_grad)
-        value = max(bound.value, torch.finfo(weight.dtype).tiny)
-        if not needs_grad or bound.gradient is None:  # (None: an empty tensor, nothing to differentiate)
-            return weight * (scale.to(weight.dtype) / value)
-        return Rescale.apply(weight, scale, value, bound.gradient)
+        with _autocast_off(weight.device.type):  # bounds in float32 or wider, whatever autocast says
+            live = self.differentiable_bound and needs_grad
+            bound = self.train_bound(weight if live else weight.detach(), gradient=needs_grad)
+            value = bound.value.clamp_min(torch.finfo(bound.value.dtype).tiny)
+            if not needs_grad or bound.gradient is None:  # no gradient, or one through autograd
+                return weight * (scale / value).to(weight.dtype)
+            g = bound.gradient
+            return Rescale.apply(weight, scale, value, g.group, g.left, g.right)
 
     @torch.compiler.disable  # python-side cache and float64 certificates: run eagerly
     def _eval_factor(self, weight: torch.Tensor) -> float:
@@ -103,7 +115,7 @@ class LipschitzNormalization(nn.Module):
         ~2u (scalar cast + product) moves the operator norm by at most rounding_terms * 2u.
         """
         key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, float(self.K),
-               None if self.s is None else float(self.s))
+               None if self.s is None else float(self.s.detach()))
         # the version counter misses writes through .data (EMA updates, some loaders): compare
         # the values too, so the cache can never outlive the weight it was computed for
         if self._cache_key is None or key != self._cache_key[:-1] or not torch.equal(weight, self._cache_source):
@@ -147,3 +159,14 @@ def check_K(K: object, name: str) -> None:
     if isinstance(K, bool) or not isinstance(K, (int, float)) or not (0 < float(K) < math.inf):
         where = f" for '{name}'" if name else ""
         raise LipfxError(f"K{where} must be a positive finite number, got {K!r}")
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype training bounds are computed in: the weight's, and never below float32."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _autocast_off(device_type: str):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

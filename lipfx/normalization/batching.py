@@ -58,15 +58,14 @@ def _first_normalizations(model: nn.Module) -> Iterator[tuple[LipschitzNormaliza
                     yield plist[0], plist.original
 
 
-@torch.compiler.disable
 def _prepare_hook(model: nn.Module, args: tuple) -> None:
     """Forward pre-hook (``normalize(batched=True)``): compute all training-mode weights now.
 
     Each layer's forward takes its weight from here when the tensor, its version and the grad
     mode are unchanged, and computes it itself otherwise (a layer called twice, a weight
     swapped by ``functional_call``, ...)."""
-    if not model.training:
-        return  # eval mode caches its weights anyway
+    if not model.training or torch.compiler.is_compiling():
+        return  # eval mode caches its weights; a compiled graph computes each where it is used
     grad = torch.is_grad_enabled()
     for p, weight in _first_normalizations(model):
         if p.training:
@@ -75,7 +74,7 @@ def _prepare_hook(model: nn.Module, args: tuple) -> None:
 
 def _release_hook(model: nn.Module, args: tuple, output: object) -> None:
     """Forward hook: drop what a forward did not use (runs on exceptions too)."""
-    if not model.training:
+    if not model.training or torch.compiler.is_compiling():
         return
     for p, _ in _first_normalizations(model):
         p._prepared = None

@@ -1,4 +1,5 @@
-"""Per-layer constants K: one float, name patterns, or a callable; and changing them later."""
+"""Per-layer constants K: one float, name patterns, or a callable; changing them later; reading the
+layers' state."""
 
 from __future__ import annotations
 
@@ -51,6 +52,13 @@ def normalized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Lipsch
             for p in plist:
                 if isinstance(p, LipschitzNormalization):
                     yield name, module, p
+
+
+def power_residuals(model: nn.Module) -> dict[str, float]:
+    """Each normalized layer's relative power-iteration residual ||A^T A v - s^2 v|| / s^2 after
+    its last training step (0 where the training bound is exact: depthwise convs, ChannelAffine).
+    A training step never reads them; this does (once per layer: call it between steps)."""
+    return {name: float(p.residual) for name, _, p in normalized_layers(model)}
 
 
 def set_constants(model: nn.Module, K: KSpec) -> None:

@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 from ..errors import ArgumentError
 from .base import SCALINGS
 
+POWER_ITERS = 2  # power steps per training step (warm-started: the weights move little per step)
+
 
 @dataclass(frozen=True)
 class NormOptions:
-    """``scaling`` ('hard' or 'soft'), ``s_init`` (soft scaling's initial s), ``eps`` (relative
-    stopping tolerance of the power iteration) and ``refresh`` (relative kernel drift after which a
-    spatial conv's FFT bound is searched again); see :func:`lipfx.normalize`."""
+    """``scaling`` ('hard' or 'soft'), ``s_init`` (soft scaling's initial s) and ``power_iters``
+    (power steps per training step for pointwise/linear layers and full convs); see
+    :func:`lipfx.normalize`."""
 
     scaling: str = "hard"
     s_init: float = 3.0
-    eps: float = 0.01
-    refresh: float = 1e-3
+    power_iters: int = POWER_ITERS
 
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
             raise ArgumentError(f"unknown scaling {self.scaling!r}; choose from {SCALINGS}")
-        if not 0 < self.eps < 1:
-            raise ArgumentError(f"eps must be in (0, 1), got {self.eps}")
-        if not self.refresh >= 0:
-            raise ArgumentError(f"refresh must be >= 0, got {self.refresh}")
+        if isinstance(self.power_iters, bool) or not isinstance(self.power_iters, int) or self.power_iters < 1:
+            raise ArgumentError(f"power_iters must be a positive int, got {self.power_iters!r}")
+
+
+def warn_retired(eps: Optional[float], refresh: Optional[float], who: str, stacklevel: int = 3) -> None:
+    """``eps`` and ``refresh`` steered host-side decisions (a residual stop, a drift test) that
+    training no longer makes: accepted, ignored, and warned about."""
+    if eps is not None:
+        warnings.warn(f"{who}(eps=...) is ignored: a training step runs a fixed number of power steps "
+                      "(power_iters=...), so that it never waits for the device; the last residual is in "
+                      "lipfx.normalization.power_residuals(model)", DeprecationWarning, stacklevel=stacklevel)
+    if refresh is not None:
+        warnings.warn(f"{who}(refresh=...) is ignored: spatial convs are bounded over the whole spectrum at "
+                      "every training step", DeprecationWarning, stacklevel=stacklevel)

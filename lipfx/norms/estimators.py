@@ -79,32 +79,38 @@ class PowerSteps(NamedTuple):
     u: torch.Tensor  # (G, m) A v / sigma
     v: torch.Tensor  # (G, n) the unit vector sigma and u belong to (d sigma / dA = u v^T)
     next: torch.Tensor  # (G, n) the following iterate: the warm start for the next call
+    residual: torch.Tensor  # (G,) ||A^T A v - sigma^2 v||, relative to sigma^2 unless relative=False
     iterations: int
 
 
 @torch.no_grad()
-def power_steps(matrices: torch.Tensor, v: torch.Tensor, eps: float = 0.01, max_iter: int = 100,
+def power_steps(matrices: torch.Tensor, v: torch.Tensor, eps: Optional[float] = 0.01, max_iter: int = 100,
                 relative: bool = True) -> PowerSteps:
     """Warm-started power iteration on a batch of matrices (G, m, n) from vectors ``v`` (G, n),
     without autograd, until every group's residual ||A^T A v - sigma^2 v|| is below ``eps`` --
     relative to sigma^2 by default (the paper's rule made scale-free, so it means the same before
     and after normalization), absolute with ``relative=False`` (the paper's rule as written).
+
+    ``eps=None`` runs exactly ``max_iter`` steps and never reads a value on the host: what a
+    training step uses, so that it neither waits for the device nor breaks a compiled graph.
     """
     a = matrices.detach()
     v = _normalize_rows(v.to(a.dtype))  # a new tensor: the caller's state is not aliased
+    tiny = torch.finfo(a.dtype).tiny
     for it in range(1, max_iter + 1):
         x = torch.bmm(a, v.unsqueeze(-1)).squeeze(-1)
         sigma = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        u = x / sigma.clamp_min(torch.finfo(a.dtype).tiny)
+        u = x / sigma.clamp_min(tiny)
         y = torch.bmm(u.unsqueeze(1), a).squeeze(1)  # A^T u, so sigma (y - sigma v) is the residual
         residual = sigma * torch.linalg.vector_norm(y - sigma * v, dim=-1, keepdim=True)
+        if relative:
+            residual = residual / sigma.square().clamp_min(tiny)
         norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-        nxt = torch.where(norm_y > 0, y / norm_y, v)  # a zero group keeps its vector instead of collapsing to 0
-        done = residual <= eps * sigma.square() if relative else residual < eps
-        if it == max_iter or bool(done.all()):
+        nxt = torch.where(norm_y > 0, y / norm_y.clamp_min(tiny), v)  # a zero group keeps its vector
+        if it == max_iter or (eps is not None and bool((residual <= eps if relative else residual < eps).all())):
             break
         v = nxt
-    return PowerSteps(sigma.squeeze(-1), u, v, nxt, it)
+    return PowerSteps(sigma.squeeze(-1), u, v, nxt, residual.squeeze(-1), it)
 
 
 def grouped_power_iteration(

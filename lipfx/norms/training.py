@@ -1,17 +1,25 @@
-"""Conv-norm bounds and their gradients for training-time normalization (docs/math.md, sections 1-3).
+"""Conv-norm bounds for training-time normalization, computed without reading a value on the host
+(docs/math.md, section 7).
 
 The certificate path (:mod:`lipfx.norms.conv`) works in float64 and proves its results. During
 training the normalized weight is ``W * K / bound(W)``, recomputed every step, so this module
-evaluates the same circulant-embedding bound in the weight's dtype, on the smallest grid that
-embeds the conv, and gives its gradient in closed form (:class:`BlockGradient`) instead of
-through autograd: a step then costs a few small kernels per layer. The value is still an upper
-bound on the layer's norm (up to float round-off), never an estimate from below.
+evaluates the same circulant-embedding bound over the whole spectrum in the weight's dtype (float32
+at least), on the smallest grid that embeds the conv, with device-side control flow only:
+
+- the spectrum of the phase-stacked kernel is taken outside autograd, and the block where the
+  bound peaks is found with an on-device argmax;
+- that one block is then rebuilt from the kernel with autograd (:func:`block_at`), so the
+  gradient of the bound is the gradient at its argmax and costs a block, not a spectrum.
+
+Blocks with one row or one column (depthwise convs) have the Frobenius norm as their exact
+2-norm; dense blocks (full convs) carry one warm-started singular vector each, advanced by a fixed
+number of power steps per training step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Sequence, Union
 
 import torch
 
@@ -20,28 +28,26 @@ from .geometry import ConvGeometry, padding_norm
 from .spectral import phase_stack, transfer_matrices
 
 
-class Peak(NamedTuple):
-    """Where a conv's FFT bound is attained: group, frequency index on the (sub)grid, and the
-    padding-operator factor that multiplies it."""
-
-    group: int
-    freq: tuple[int, ...]
-    factor: float
-    value: float  # the bound itself: ||P|| * the block's 2-norm
-
-
 class BlockGradient(NamedTuple):
     """The gradient of a layer's training bound with respect to its weight, factored: zero
     except in row-group ``group`` of ``weight.reshape(-1, rows, cols)``, where it is
-    ``left @ right`` (``left``: rows x r, ``right``: r x cols). A max over groups and
-    frequencies has the gradient of its argmax, so only one small block is ever non-zero."""
+    ``left @ right`` (``left``: rows x r, ``right``: r x cols). ``group`` is an int or a 0-d
+    index tensor (an on-device argmax, never read on the host)."""
 
-    group: int
+    group: Union[int, torch.Tensor]
     left: torch.Tensor
     right: torch.Tensor
 
 
-def _subgrid(geom: ConvGeometry, n: Sequence[int]) -> tuple[ConvGeometry, tuple[int, ...], float]:
+class Grid(NamedTuple):
+    """Where a conv's training bound is taken at one input size (host-side constants only)."""
+
+    geometry: ConvGeometry  # zero-padded: other padding modes become a valid conv of the padded input
+    sub: tuple[int, ...]  # the polyphase subgrid
+    factor: float  # ||P|| of the padding operator (1 for zeros)
+
+
+def subgrid(geom: ConvGeometry, n: Sequence[int]) -> Grid:
     """The zero-padded geometry the bound is taken on, its polyphase subgrid, and ||P||.
 
     Non-zero padding modes are bounded as ||P|| times the valid conv on the padded input, as in
@@ -54,115 +60,83 @@ def _subgrid(geom: ConvGeometry, n: Sequence[int]) -> tuple[ConvGeometry, tuple[
         geom = ConvGeometry(geom.weight, geom.groups, geom.stride, geom.dilation,
                             tuple((0, 0) for _ in geom.pads), "zeros")
     grid = zero_padded_grid(geom, n)
-    return geom, tuple(m // s for m, s in zip(grid, geom.stride)), factor
+    return Grid(geom, tuple(m // s for m, s in zip(grid, geom.stride)), factor)
 
 
 @torch.no_grad()
-def peak(geom: ConvGeometry, n: Sequence[int]) -> Peak:
-    """The block that attains the FFT bound, found over the whole spectrum without autograd."""
-    geom, sub, factor = _subgrid(geom, n)
+def spectrum_blocks(grid: Grid) -> torch.Tensor:
+    """Every per-frequency block of the phase-stacked kernel, (groups * F, Cout_g, Cin_g * P)
+    complex, flattened group-major (the index :func:`block_at` takes). One of each conjugate
+    pair f, -f is kept: real kernels give them equal singular values."""
+    geom = grid.geometry
     stacked = phase_stack(geom.dilated_weight(), geom.groups, geom.stride)
-    group, freq, norm = _argmax_block(stacked.detach(), sub)
-    return Peak(group, freq, factor, norm * factor)
+    if any(k > m for k, m in zip(stacked.shape[3:], grid.sub)):
+        spec = transfer_matrices(stacked, grid.sub)  # taps wrap around the grid: (G, *F, co, ci)
+    else:  # zero padding never wraps: rfftn pads the kernel itself
+        spec = torch.fft.rfftn(stacked, s=grid.sub, dim=tuple(range(3, stacked.dim())))
+        spec = spec.movedim((1, 2), (-2, -1))
+    return spec.reshape(-1, *spec.shape[-2:])
 
 
-@torch.no_grad()
-def peak_map(geom: ConvGeometry, n: Sequence[int], at: Peak) -> torch.Tensor:
-    """The block at ``at`` as a linear map of one group's kernel: a real (taps, 2P) matrix M with
-
-        block = view_as_complex((W_g.reshape(Cout_g * Cin_g, taps) @ M).reshape(Cout_g, Cin_g * P, 2))
-
-    (P = prod(stride) phases). Tap t sits at dilated position p = dilation * t, in phase
-    p mod stride at phase-tap p // stride, which contributes exp(-2 pi i f.(p // stride) / sub)
-    to its phase's column; taps past the subgrid wrap, and exp is periodic, so they need nothing.
-    """
-    _, sub, _ = _subgrid(geom, n)
+def tap_phases(geom: ConvGeometry, sub: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tap of the (undilated) kernel, for p = dilation * t: the phase advance per unit
+    frequency, -2 pi (p // stride) / sub (taps, d), and the phase column p mod stride in
+    :func:`phase_stack`'s order (taps,). Host-side constants: move them to the device once."""
     taps = torch.cartesian_prod(*(torch.arange(k) for k in geom.kernel_size)).reshape(-1, geom.ndim)
     pos = taps * torch.tensor(geom.dilation)
     stride = torch.tensor(geom.stride)
-    phase, tq = pos % stride, pos // stride
     place = torch.tensor([math.prod(geom.stride[i + 1:]) for i in range(geom.ndim)])
-    column = (phase * place).sum(1)  # phase index in phase_stack's (row-major) order
-    angle = (tq.double() * torch.tensor([-2 * math.pi * f / m for f, m in zip(at.freq, sub)])).sum(1)
-    m = torch.zeros(len(taps), math.prod(geom.stride), 2, dtype=torch.float64)
-    m[torch.arange(len(taps)), column, 0] = torch.cos(angle)
-    m[torch.arange(len(taps)), column, 1] = torch.sin(angle)
-    return m.reshape(len(taps), -1).to(dtype=geom.weight.dtype, device=geom.weight.device)
+    rates = (pos // stride).to(torch.float64) * torch.tensor([-2 * math.pi / m for m in sub], dtype=torch.float64)
+    return rates, ((pos % stride) * place).sum(1)
 
 
-@torch.no_grad()
-def peak_gradient(weight: torch.Tensor, groups: int, phases: torch.Tensor, at: Peak,
-                  start: Optional[torch.Tensor] = None) -> tuple[float, BlockGradient, Optional[torch.Tensor]]:
-    """The norm of the block at ``at`` for the current kernel (times ||P||), its gradient with
-    respect to the kernel, and the singular vector found (pass it back as ``start``: warm start).
+def block_at(weight: torch.Tensor, groups: int, grid: Grid, index: torch.Tensor,
+             rates: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Block ``index`` of :func:`spectrum_blocks` rebuilt from ``weight`` with autograd:
+    (Cout_g, Cin_g * P) complex.
 
-    ``phases`` is :func:`peak_map`'s matrix. With the block's top singular pair A v = sigma u,
-    d sigma = Re(u^H dA v) = Re<H, dA> for H = u v^H; pulled back through the linear map M
-    this is ``view_as_real(H) @ M^T``. Never a full FFT, and no autograd graph: a training step
-    spends a few small kernels per layer on it.
+    Tap t contributes exp(-2 pi i f.(p // stride) / sub) to its phase's column (taps past the
+    subgrid wrap, and exp is periodic, so they need nothing). ``index`` is a 0-d device tensor;
+    ``rates`` and ``columns`` are :func:`tap_phases` for this grid, on the weight's device.
     """
+    shape = tuple(grid.sub[:-1]) + (grid.sub[-1] // 2 + 1,)
+    rest = index % math.prod(shape)
+    freq = []
+    for size in reversed(shape):  # unravel on the device (torch.unravel_index copies from the host)
+        freq.append(rest % size)
+        rest = rest // size
+    angle = rates @ torch.stack(freq[::-1]).to(rates.dtype)  # (taps,)
+    taps, phases = rates.shape[0], math.prod(grid.geometry.stride)
+    m = weight.new_zeros(taps, phases, 2)
+    rows = torch.arange(taps, device=weight.device)
+    m[rows, columns, 0] = torch.cos(angle).to(weight.dtype)
+    m[rows, columns, 1] = torch.sin(angle).to(weight.dtype)
     cout_g, cin_g = weight.shape[0] // groups, weight.shape[1]
-    phases_n = phases.shape[1] // 2
-    pairs = weight.reshape(groups, cout_g * cin_g, -1)[at.group] @ phases  # (rows, 2P): Re, Im
-    if cout_g == 1 or cin_g * phases_n == 1:
-        # a row or a column: the 2-norm is the Frobenius norm, and H = A / sigma
-        sigma = float(torch.linalg.vector_norm(pairs))
-        left = pairs * (at.factor / sigma) if sigma > 0 else torch.zeros_like(pairs)
-        return sigma * at.factor, BlockGradient(at.group, left, phases.T), None
-    block = torch.view_as_complex(pairs.reshape(cout_g, cin_g * phases_n, 2))
-    right = block.shape[1] <= block.shape[0]
-    gram = block.mH @ block if right else block @ block.mH
-    cold = start is None or start.shape != (gram.shape[0], 1) or start.dtype != gram.dtype or start.device != gram.device
-    vec = torch.ones(gram.shape[0], 1, dtype=gram.dtype, device=gram.device) if cold else start
-    # the peak's block changes little per step: warm-started, a few iterations do
-    for _ in range(_GRAD_ITERS if cold else _WARM_ITERS):
-        vec = gram @ vec
-        vec = vec / torch.linalg.vector_norm(vec).clamp_min(1e-30)
-    other = block @ vec if right else block.mH @ vec
-    sigma = float(torch.linalg.vector_norm(other))
-    other = other / max(sigma, 1e-30)
-    u, v = (other, vec) if right else (vec, other)
-    h = (u @ v.mH).reshape(cout_g * cin_g, phases_n)
-    left = torch.view_as_real(h).reshape(cout_g * cin_g, 2 * phases_n) * at.factor
-    return sigma * at.factor, BlockGradient(at.group, left, phases.T), vec
-
-
-_GRAD_ITERS = 30
-_WARM_ITERS = 3
+    group = (index // math.prod(shape)).reshape(1)
+    kernel = weight.reshape(groups, cout_g * cin_g, taps).index_select(0, group)[0]
+    pairs = kernel @ m.reshape(taps, 2 * phases)  # (rows, 2P): Re, Im per phase
+    return torch.view_as_complex(pairs.reshape(cout_g, cin_g * phases, 2).contiguous())
 
 
 @torch.no_grad()
-def tap_drift(change: torch.Tensor, groups: int) -> float:
-    """Upper bound on how much any per-frequency block norm can move when the kernel changes by
-    ``change``: max over groups of sum over taps of ||change_t||_F.
-
-    Each block is A(f) = sum_t W_t e^{-i f.t} (phases only regroup taps), so
-    ||dA(f)|| <= sum_t ||dW_t|| at every frequency, and the block norm moves by at most that.
-    """
-    c = change.reshape(groups, -1, math.prod(change.shape[2:]))
-    if c.shape[1] == 1:  # one row per group (depthwise): sum of |taps|
-        per_group = torch.linalg.vector_norm(c, ord=1, dim=(1, 2), dtype=torch.float64)
-    else:
-        per_group = torch.linalg.vector_norm(c, dim=1, dtype=torch.float64).sum(1)
-    return float(per_group.amax())
+def block_power_steps(blocks: torch.Tensor, vectors: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` power steps v <- A^H A v / ||.|| on every block (B, m, n) from ``vectors``
+    (B, n); returns (the new vectors, ||A v|| per block: estimates from below)."""
+    v = vectors
+    tiny = torch.finfo(blocks.real.dtype).tiny
+    for _ in range(steps):
+        y = (blocks.mH @ (blocks @ v.unsqueeze(-1))).squeeze(-1)
+        norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+        v = torch.where(norm > 0, y / norm.clamp_min(tiny), v)  # a zero block keeps its vector
+    return v, torch.linalg.vector_norm((blocks @ v.unsqueeze(-1)).squeeze(-1), dim=-1)
 
 
 @torch.no_grad()
-def _argmax_block(stacked: torch.Tensor, sub: Sequence[int]) -> tuple[int, tuple[int, ...], float]:
-    """(group, frequency index, 2-norm) of the per-frequency block with the largest 2-norm."""
-    if any(k > m for k, m in zip(stacked.shape[3:], sub)):
-        spec = transfer_matrices(stacked, sub).movedim((-2, -1), (1, 2))  # taps wrap around the grid
-    else:  # zero padding never wraps: rfftn pads the kernel itself
-        spec = torch.fft.rfftn(stacked, s=sub, dim=tuple(range(3, stacked.dim())))
-    frob2 = torch.view_as_real(spec).square().sum(-1).sum((1, 2))  # (groups, *freqs)
-    co, ci = spec.shape[1:3]
-    if min(co, ci) == 1:  # rows or columns: the block norm is the Frobenius norm
-        top = frob2.flatten()
-    else:
-        # the smaller Gram matrix of every block; its top eigenvalue is the block's norm squared
-        blocks = spec.movedim((1, 2), (-2, -1)).reshape(-1, co, ci)
-        gram = blocks.mH @ blocks if ci <= co else blocks @ blocks.mH
-        top = torch.linalg.eigvalsh(gram)[..., -1]
-    flat = top.argmax()
-    group, *freq = (int(i) for i in torch.unravel_index(flat, frob2.shape))
-    return group, tuple(freq), math.sqrt(max(float(top[flat]), 0.0))
+def top_vectors(blocks: torch.Tensor) -> torch.Tensor:
+    """The exact top right singular vector of every block (B, m, n) -> (B, n): a warm start
+    (an eigendecomposition of the smaller Gram matrix; at construction only, never per step)."""
+    if blocks.shape[-1] <= blocks.shape[-2]:
+        return torch.linalg.eigh(blocks.mH @ blocks)[1][..., -1]
+    u = torch.linalg.eigh(blocks @ blocks.mH)[1][..., -1:]
+    v = (blocks.mH @ u).squeeze(-1)
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(torch.finfo(v.real.dtype).tiny)

@@ -54,14 +54,14 @@ def _linear_map(module: nn.Linear, name: str, in_shape: torch.Size) -> Optional[
 
 
 def _normalize_matrix(module: nn.Linear, shapes: list, k: float, o: NormOptions, name: str):
-    return MatrixNormalization(module.weight, 1, k, o.scaling, o.s_init, o.eps, name=name)
+    return MatrixNormalization(module.weight, 1, k, o.scaling, o.s_init, o.power_iters, name=name)
 
 
 def _normalize_conv(module: nn.Module, shapes: list, k: float, o: NormOptions, name: str):
     geom = conv_geometry(module, name)
     if geom.is_pointwise and all(lo == hi == 0 for lo, hi in geom.pads):
-        return MatrixNormalization(module.weight, module.groups, k, o.scaling, o.s_init, o.eps, name=name)
-    return ConvNormalization(module, [s[1:] for s in shapes], k, o.scaling, o.s_init, name, o.refresh)
+        return MatrixNormalization(module.weight, module.groups, k, o.scaling, o.s_init, o.power_iters, name=name)
+    return ConvNormalization(module, [s[1:] for s in shapes], k, o.scaling, o.s_init, name, o.power_iters)
 
 
 def _fuzz_linear(key: type, g: torch.Generator) -> list[FuzzCase]:

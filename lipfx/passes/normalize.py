@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from ..errors import LipfxError
 from ..normalization.batching import enable_batching
 from ..normalization.constants import KSpec, resolve_K, separable_parent
-from ..normalization.options import NormOptions
+from ..normalization.options import POWER_ITERS, NormOptions, warn_retired
 from ..ops.table import lookup
 from ..tracing import input_shapes
 from .report import ConversionReport
@@ -27,9 +27,10 @@ def normalize(
     *,
     scaling: str = "hard",
     s_init: float = 3.0,
-    eps: float = 0.01,
-    refresh: float = 1e-3,
+    power_iters: int = POWER_ITERS,
     batched: bool = True,
+    eps: Optional[float] = None,
+    refresh: Optional[float] = None,
     report: Optional[ConversionReport] = None,
 ) -> fx.GraphModule:
     """Register a :class:`LipschitzNormalization` on every layer that ``gm``'s graph calls and
@@ -44,11 +45,10 @@ def normalize(
             match wins; ``None`` leaves matching layers alone), or ``K(name, module)``.
         scaling: ``"hard"`` (multiply by K) or ``"soft"`` (by K * tanh(s), s learnable).
         s_init: initial s for soft scaling (Runkel et al.: 3 for K <= 20, 0.5 above).
-        eps: relative stopping tolerance of the power iteration.
-        refresh: for spatial convs in training, the relative kernel drift (bounded through the
-            taps) after which the FFT bound is searched over the whole spectrum again; in between
-            the bound is the last one plus the drift, still an upper bound, so a layer's norm
-            stays in [K (1 - refresh) / (1 + refresh), K]. Larger values mean fewer full searches.
+        power_iters: warm-started power steps per training step, for pointwise/linear layers
+            (one vector per group) and for the per-frequency blocks of full convs (one vector
+            per block). A fixed count, so a training step never waits for the device; the last
+            step's residuals are in :func:`lipfx.normalization.power_residuals`.
         batched: compute every normalized weight back to back when a training forward of
             ``gm`` starts (forward hooks on ``gm``), instead of each just before its layer runs.
             Same values and gradients; the bounds' small kernels then run together, before the
@@ -58,8 +58,10 @@ def normalize(
             all-reduce at the end of the backward instead of layer by layer; ``False`` keeps
             them layer by layer. Calling a submodule of ``gm`` directly also computes its
             weights one by one.
+        eps, refresh: retired (they steered host-side decisions); ignored, with a warning.
     """
-    options = NormOptions(scaling, s_init, eps, refresh)
+    warn_retired(eps, refresh, "lipfx.normalize")
+    options = NormOptions(scaling, s_init, power_iters)
     sizes = input_shapes(gm)
     modules = dict(gm.named_modules())
     for name, shapes in sizes.items():
