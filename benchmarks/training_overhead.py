@@ -3,6 +3,7 @@ and with two peers on the same layers.
 
     python benchmarks/training_overhead.py [--cases a,b,c] [--steps 5] [--device cpu|cuda] [--malloc tuned|default]
                                            [--amp none|bf16|fp16] [--channels-last] [--power-iters 2]
+                                           [--compile] [--variants plain,lipfx,...]
 
 Cases (issue 4): (a) MobileNetV2 at 224x224, (b) ResNet-34 with every conv rewritten as
 depthwise-separable, BatchNorm removed, at 32x32 (the paper's CIFAR setup), (c) a small 3-D conv
@@ -196,6 +197,8 @@ def main() -> None:
     ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="torch.autocast dtype")
     ap.add_argument("--channels-last", action="store_true", help="channels_last memory format (4-D inputs)")
     ap.add_argument("--power-iters", type=int, default=2, help="lipfx's power steps per training step")
+    ap.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) every variant's forward")
+    ap.add_argument("--variants", default="plain,lipfx,lipfx-layer,torch-sn,full-power")
     add_malloc_option(ap)
     args = ap.parse_args()
     malloc = set_malloc(args.malloc)
@@ -203,18 +206,22 @@ def main() -> None:
     torch.manual_seed(0)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; malloc: {malloc}; amp: {args.amp}; "
-          f"channels_last: {args.channels_last}; {args.steps} timed rounds after 2 warm-up rounds")
+          f"channels_last: {args.channels_last}; compiled: {args.compile}; {args.steps} timed rounds after 2 warm-up rounds")
     print(f"{'case':<32} {'variant':<11} {'step (ms)':>10} {'ratio':>7} {'state bytes':>12} {'syncs':>6}")
     for key in args.cases.split(","):
         label, make, shape, bn, classes = CASES[key]
         model = make().eval()
         x = torch.randn(batch[key], *shape)
-        nets = {k: v.to(args.device).train() for k, v in variants(model, x, bn, args.power_iters).items()}
+        nets = {k: v.to(args.device).train() for k, v in variants(model, x, bn, args.power_iters).items()
+                if k in args.variants.split(",")}
         x = x.to(args.device)
         if args.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
             nets = {k: v.to(memory_format=torch.channels_last) for k, v in nets.items()}
-        steps = {k: step_fn(v, x, classes, args.amp) for k, v in nets.items()}
+        run = {k: torch.compile(v, fullgraph=True) for k, v in nets.items()} if args.compile else nets
+        steps = {k: step_fn(v, x, classes, args.amp) for k, v in run.items()}
+        for fn in steps.values():
+            fn()  # first steps (and compilation) outside the counter
         syncs = {k: host_syncs(fn) for k, fn in steps.items()}
         medians = interleaved_medians(steps, args.steps, args.device)
         for k, med in medians.items():

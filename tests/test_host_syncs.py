@@ -102,10 +102,11 @@ def test_a_training_step_reads_nothing_on_the_host(label):
 
 def test_the_counter_sees_every_kind_of_read():
     """The check above can fail: each value-reading entry point is counted."""
-    t = torch.ones(())
+    t, v = torch.ones(()), torch.arange(3.0)
     with count_host_syncs() as syncs:
         float(t), int(t), bool(t), t.item(), t.tolist(), [0, 1][t.long()], t.cpu()
-    assert syncs.total == 7, syncs
+        v[t.long()], v[v > 0], torch.equal(v, v), v.nonzero()  # reads inside C++ count too
+    assert syncs.total == 11, syncs
     assert "test_host_syncs.py" in repr(syncs)  # and says where they were written
 
 

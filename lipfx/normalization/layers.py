@@ -22,10 +22,11 @@ from torch import nn
 from ..norms.conv import conv_bound, grouped_matrix_norm
 from ..norms.estimators import grouped_power_iteration, power_steps
 from ..norms.geometry import ConvGeometry, conv_geometry
-from ..norms.training import BlockGradient, block_at, block_power_steps, spectrum_blocks, subgrid, tap_phases, top_vectors
-from ..errors import ArgumentError
+from ..norms.training import (ROW_BASIS_LIMIT, SWEEP_BUDGET, BlockGradient, Grid, block_at, block_power_steps, complex_norm,
+                              row_basis_size, row_spectrum, row_spectrum_basis, tap_drift,
+                              subgrid, tap_phases, top_vectors)
 from .base import LipschitzNormalization, compute_dtype
-from .options import POWER_ITERS
+from .options import POWER_ITERS, check_power_iters
 from .rescale import TrainBound
 
 _PRIME_ITERS = 1000  # power iterations at registration, so training starts warm
@@ -111,67 +112,137 @@ class ConvNormalization(LipschitzNormalization):
         cout_g, phases = weight.shape[0] // self.groups, math.prod(self.stride)
         self.dense = min(cout_g, weight.shape[1] * phases) > 1
         self.kind = "fft@" + ",".join("x".join(map(str, n)) for n in self.sizes)
+        rows, taps = cout_g * weight.shape[1], math.prod(weight.shape[2:])
+        self._chunks: list = []  # per size: None (whole spectrum by the cosine table) or blocks per step
         for i, n in enumerate(self.sizes):
             grid = subgrid(geom, n)
             rates, columns = tap_phases(grid.geometry, grid.sub)
-            # host-side constants of the peak block's phase map, moved with the module
+            # host-side constants of the blocks' phase maps, moved with the module
             self.register_buffer(f"_rates{i}", rates.to(weight.dtype), persistent=False)
             self.register_buffer(f"_columns{i}", columns, persistent=False)
-            if self.dense:  # one warm singular vector per block, primed exactly
-                vectors = top_vectors(spectrum_blocks(subgrid(self._geometry(weight.to(compute_dtype(weight))), n)))
-                self.register_buffer(f"spectral_v{i}", torch.view_as_real(vectors).to(weight.dtype).contiguous())
-
+            if not self.dense and row_basis_size(grid.geometry, grid.sub) <= ROW_BASIS_LIMIT:
+                pairs, cosines = row_spectrum_basis(grid.geometry, grid.sub)
+                self.register_buffer(f"_pairs{i}", pairs.to(weight.dtype), persistent=False)
+                self.register_buffer(f"_cosines{i}", cosines.to(weight.dtype), persistent=False)
+                self._chunks.append(None)
+                continue
+            blocks = self.groups * math.prod(grid.sub[:-1]) * (grid.sub[-1] // 2 + 1)
+            self._chunks.append(max(1, min(blocks, SWEEP_BUDGET // ((rows + taps) * 2 * phases))))
+            self.register_buffer(f"_vals{i}", weight.new_zeros(blocks))  # each block's norm when last evaluated
+            self.register_buffer(f"_slack{i}", weight.new_zeros(blocks))  # drift since then
+            self.register_buffer(f"_cursor{i}", torch.zeros((), dtype=torch.long))
+            if self.dense:
+                self.register_buffer(f"spectral_v{i}", weight.new_zeros(blocks, weight.shape[1] * phases, 2))
+        if any(c is not None for c in self._chunks):
+            self.register_buffer("_prev", weight.clone())  # the kernel the slacks are measured from
+            self._sweep_all(weight)
     def _geometry(self, weight: torch.Tensor) -> ConvGeometry:
         return ConvGeometry(weight, self.groups, self.stride, self.dilation, self.pads, self.padding_mode)
 
     def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
-        """The FFT bound over the whole spectrum at every input size, as a tensor whose autograd
-        history is that of its argmax block (``weight`` is the live weight when ``gradient``).
-
-        The spectrum is searched outside autograd; the peak block is rebuilt from the kernel
-        with autograd (:func:`block_at`), so the gradient costs one block. Depthwise blocks are
-        exact: the value is an upper bound up to round-off. Dense blocks advance their warm
-        singular vectors by ``power_iters`` steps: an estimate (from below but for the residual lift), like the pointwise
-        layers'.
+        """The FFT bound over the whole spectrum at every input size, as a 0-d tensor whose
+        autograd history is that of its argmax block (``weight`` is the live weight when
+        ``gradient``). Depthwise blocks are exact: the value is an upper bound up to round-off.
+        Dense blocks advance their warm singular vectors by ``power_iters`` steps: an estimate,
+        like the pointwise layers' (docs/math.md, 7.3).
         """
         w = weight.to(compute_dtype(weight))
         if not gradient:
             w = w.detach()
         values = []
+        drift = None
+        if hasattr(self, "_prev"):
+            with torch.no_grad():
+                drift = tap_drift(w.detach() - self._prev.to(w.dtype), self.groups)
         for i, n in enumerate(self.sizes):
             grid = subgrid(self._geometry(w.detach()), n)
-            blocks = spectrum_blocks(grid)
-            rates, columns = getattr(self, f"_rates{i}").to(w.dtype), getattr(self, f"_columns{i}")
-            if not self.dense:  # rows or columns: the 2-norm is the Frobenius norm
-                index = torch.view_as_real(blocks).square().sum((-1, -2, -3)).argmax()
-                sigma = torch.linalg.vector_norm(block_at(w, self.groups, grid, index, rates, columns))
+            if self._chunks[i] is None:
+                values.append(self._row_bound(w, i, grid) * grid.factor)
             else:
-                state = getattr(self, f"spectral_v{i}")
-                with torch.no_grad():
-                    v, estimates = block_power_steps(blocks, torch.view_as_complex(state.to(w.dtype)), self.power_iters)
-                    state.copy_(torch.view_as_real(v))
-                    index = estimates.argmax()
-                    top = v.index_select(0, index.reshape(1))[0]
-                block = block_at(w, self.groups, grid, index, rates, columns)
-                image = block @ top
-                sigma = torch.linalg.vector_norm(image)
-                with torch.no_grad():
-                    res = (torch.linalg.vector_norm(block.mH @ image - sigma.square() * top)
-                           / sigma.square().clamp_min(torch.finfo(w.dtype).tiny))
-                    self.residual.copy_(res)
-                sigma = sigma * torch.sqrt(1 + res)  # the Krylov-Weinstein lift, as for matrices
-            values.append(sigma * grid.factor)
+                values.append(self._swept_bound(w, i, grid, drift))
+        if drift is not None:
+            with torch.no_grad():
+                self._prev.copy_(w.detach())
         value = values[0] if len(values) == 1 else torch.stack(values).amax()
         return TrainBound(value, None)
 
+    def _row_bound(self, w: torch.Tensor, i: int, grid: Grid) -> torch.Tensor:
+        """Blocks with one row or one column on a small grid: the whole power spectrum by two
+        matmuls (the 2-norm is the Frobenius norm), differentiable as it is: its max has the
+        gradient of the argmax block."""
+        power = row_spectrum(w, self.groups, getattr(self, f"_pairs{i}").to(w.dtype), getattr(self, f"_cosines{i}").to(w.dtype))
+        return power.amax().clamp_min(0).sqrt()
+
+    @torch.no_grad()
+    def _sweep_all(self, weight: torch.Tensor) -> None:
+        """Evaluate every block of every swept size (at registration, and after a reload whose
+        state does not match the weights): exact norms, dense blocks primed with their exact top
+        singular vectors."""
+        w = weight.detach().to(compute_dtype(weight))
+        for i, n in enumerate(self.sizes):
+            chunk = self._chunks[i]
+            if chunk is None:
+                continue
+            grid = subgrid(self._geometry(w), n)
+            vals = getattr(self, f"_vals{i}")
+            for start in range(0, vals.shape[0], chunk):
+                index = torch.arange(start, min(start + chunk, vals.shape[0]), device=w.device)
+                blocks = self._block(w, i, grid, index)
+                if self.dense:
+                    v = top_vectors(blocks)
+                    getattr(self, f"spectral_v{i}")[index] = torch.view_as_real(v).to(vals.dtype)
+                    est = complex_norm((blocks @ v.unsqueeze(-1)).squeeze(-1))
+                else:
+                    est = complex_norm(blocks.reshape(blocks.shape[0], -1))
+                vals[index] = (est * grid.factor).to(vals.dtype)
+            getattr(self, f"_slack{i}").zero_()
+            getattr(self, f"_cursor{i}").zero_()
+        self._prev.copy_(weight.detach())
+
+    def _swept_bound(self, w: torch.Tensor, i: int, grid: Grid, drift: torch.Tensor) -> torch.Tensor:
+        """Spectra too large for every step: ``chunk`` blocks re-evaluated per step in turn, the
+        others bounded by their last value plus the kernel's tap drift since (section 7.4); the
+        value has the gradient of the peak block's current norm."""
+        chunk = self._chunks[i]
+        vals, slack, cursor = (getattr(self, f"{k}{i}") for k in ("_vals", "_slack", "_cursor"))
+        with torch.no_grad():
+            slack.add_((drift * grid.factor).to(slack.dtype))
+            index = (cursor + torch.arange(chunk, device=w.device)) % vals.shape[0]
+            blocks = self._block(w.detach(), i, grid, index)
+            if self.dense:
+                state = getattr(self, f"spectral_v{i}")
+                v, est = block_power_steps(blocks, torch.view_as_complex(state[index].to(w.dtype)), self.power_iters)
+                state[index] = torch.view_as_real(v).to(state.dtype)
+            else:
+                est = complex_norm(blocks.reshape(chunk, -1))
+            vals[index] = (est * grid.factor).to(vals.dtype)
+            slack[index] = 0
+            cursor.copy_((cursor + chunk) % vals.shape[0])
+            bounds = vals.to(w.dtype) + slack.to(w.dtype)
+            peak = bounds.argmax().reshape(1)  # index_select: a 0-d index tensor would be read on the host
+            bound = bounds.index_select(0, peak)[0]
+            self.residual.copy_(slack.index_select(0, peak)[0] / bound.clamp_min(torch.finfo(w.dtype).tiny))
+        block = self._block(w, i, grid, peak)[0]
+        if self.dense:
+            top = torch.view_as_complex(getattr(self, f"spectral_v{i}").index_select(0, peak)[0].to(w.dtype))
+            live = complex_norm(block @ top) * grid.factor
+        else:
+            live = complex_norm(block.reshape(-1)) * grid.factor
+        return live + (bound - live).detach()
+
+    def _block(self, w: torch.Tensor, i: int, grid: Grid, index: torch.Tensor) -> torch.Tensor:
+        rates, columns = getattr(self, f"_rates{i}").to(w.dtype), getattr(self, f"_columns{i}")
+        return block_at(w, self.groups, grid, index, rates, columns)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # checkpoints from before the spectrum was searched every step kept a drift reference as
-        # extra state and had no block vectors: drop the one, keep the freshly primed others
+        # checkpoints from before issue 17 kept a drift reference as extra state and no sweep
+        # state: drop the one and keep this module's own for the other. Still sound: the slacks
+        # then grow by the drift from the kernel they were measured at to the loaded one.
         state_dict.pop(prefix + "_extra_state", None)
-        for i in range(len(self.sizes)):
-            key = prefix + f"spectral_v{i}"
-            if self.dense and key not in state_dict:
-                state_dict[key] = getattr(self, f"spectral_v{i}")
+        names = [n for n, _ in self.named_buffers(recurse=False) if n in self._buffers and n not in self._non_persistent_buffers_set]
+        stale = [n for n in names if prefix + n not in state_dict]
+        for n in stale:
+            state_dict[prefix + n] = getattr(self, n)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def exact_bound(self, weight: torch.Tensor) -> float:
@@ -204,9 +275,3 @@ class DiagonalNormalization(LipschitzNormalization):
     def exact_bound(self, weight: torch.Tensor) -> float:
         return float(weight.abs().max()) if weight.numel() else 0.0
 
-
-def check_power_iters(power_iters: object, name: str) -> int:
-    if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
-        where = f" for '{name}'" if name else ""
-        raise ArgumentError(f"power_iters{where} must be a positive int, got {power_iters!r}")
-    return power_iters

@@ -25,8 +25,14 @@ class NormOptions:
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
             raise ArgumentError(f"unknown scaling {self.scaling!r}; choose from {SCALINGS}")
-        if isinstance(self.power_iters, bool) or not isinstance(self.power_iters, int) or self.power_iters < 1:
-            raise ArgumentError(f"power_iters must be a positive int, got {self.power_iters!r}")
+        check_power_iters(self.power_iters)
+
+
+def check_power_iters(power_iters: object, name: str = "") -> int:
+    if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 1:
+        where = f" for '{name}'" if name else ""
+        raise ArgumentError(f"power_iters{where} must be a positive int, got {power_iters!r}")
+    return power_iters
 
 
 def warn_retired(eps: Optional[float], refresh: Optional[float], who: str, stacklevel: int = 3) -> None:

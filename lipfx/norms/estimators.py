@@ -97,17 +97,31 @@ def power_steps(matrices: torch.Tensor, v: torch.Tensor, eps: Optional[float] = 
     a = matrices.detach()
     v = _normalize_rows(v.to(a.dtype))  # a new tensor: the caller's state is not aliased
     tiny = torch.finfo(a.dtype).tiny
+    if eps is None and relative and max_iter > 1:
+        # fixed steps: the first max_iter - 1 only set a direction (no sigma, no residual), so
+        # they cost two matvecs and a norm each
+        y = v
+        for _ in range(max_iter - 1):
+            y = torch.bmm(torch.bmm(a, y.unsqueeze(-1)).mT, a).squeeze(1)
+            y = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(tiny)
+        v = torch.where(y.abs().amax(-1, keepdim=True) > 0, y, v)  # a zero group keeps its vector
+        return power_steps(a, v, None, 1, relative)._replace(iterations=max_iter)
     for it in range(1, max_iter + 1):
         x = torch.bmm(a, v.unsqueeze(-1)).squeeze(-1)
         sigma = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         u = x / sigma.clamp_min(tiny)
         y = torch.bmm(u.unsqueeze(1), a).squeeze(1)  # A^T u, so sigma (y - sigma v) is the residual
-        residual = sigma * torch.linalg.vector_norm(y - sigma * v, dim=-1, keepdim=True)
-        if relative:
-            residual = residual / sigma.square().clamp_min(tiny)
+        last = it == max_iter
+        if eps is not None or last:  # fixed steps: the residual only once, at the end
+            residual = sigma * torch.linalg.vector_norm(y - sigma * v, dim=-1, keepdim=True)
+            if relative:
+                residual = residual / sigma.square().clamp_min(tiny)
         norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-        nxt = torch.where(norm_y > 0, y / norm_y.clamp_min(tiny), v)  # a zero group keeps its vector
-        if it == max_iter or (eps is not None and bool((residual <= eps if relative else residual < eps).all())):
+        if last or eps is not None:
+            nxt = torch.where(norm_y > 0, y / norm_y.clamp_min(tiny), v)  # a zero group keeps its vector
+        else:
+            nxt = y / norm_y.clamp_min(tiny)
+        if last or (eps is not None and bool((residual <= eps if relative else residual < eps).all())):
             break
         v = nxt
     return PowerSteps(sigma.squeeze(-1), u, v, nxt, residual.squeeze(-1), it)

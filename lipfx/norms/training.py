@@ -92,30 +92,86 @@ def tap_phases(geom: ConvGeometry, sub: Sequence[int]) -> tuple[torch.Tensor, to
 
 def block_at(weight: torch.Tensor, groups: int, grid: Grid, index: torch.Tensor,
              rates: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Block ``index`` of :func:`spectrum_blocks` rebuilt from ``weight`` with autograd:
-    (Cout_g, Cin_g * P) complex.
+    """Blocks ``index`` of :func:`spectrum_blocks` rebuilt from ``weight`` with autograd:
+    (*index.shape, Cout_g, Cin_g * P) complex.
 
     Tap t contributes exp(-2 pi i f.(p // stride) / sub) to its phase's column (taps past the
-    subgrid wrap, and exp is periodic, so they need nothing). ``index`` is a 0-d device tensor;
-    ``rates`` and ``columns`` are :func:`tap_phases` for this grid, on the weight's device.
+    subgrid wrap, and exp is periodic, so they need nothing). ``index`` is a device tensor of
+    flat block indices (group-major); ``rates`` and ``columns`` are :func:`tap_phases` for this
+    grid, on the weight's device.
     """
     shape = tuple(grid.sub[:-1]) + (grid.sub[-1] // 2 + 1,)
-    rest = index % math.prod(shape)
+    flat = index.reshape(-1)
+    rest = flat % math.prod(shape)
     freq = []
     for size in reversed(shape):  # unravel on the device (torch.unravel_index copies from the host)
         freq.append(rest % size)
         rest = rest // size
-    angle = rates @ torch.stack(freq[::-1]).to(rates.dtype)  # (taps,)
-    taps, phases = rates.shape[0], math.prod(grid.geometry.stride)
-    m = weight.new_zeros(taps, phases, 2)
+    angle = torch.stack(freq[::-1], -1).to(rates.dtype) @ rates.T  # (n, taps)
+    n, taps, phases = flat.shape[0], rates.shape[0], math.prod(grid.geometry.stride)
+    m = weight.new_zeros(n, taps, phases, 2)
     rows = torch.arange(taps, device=weight.device)
-    m[rows, columns, 0] = torch.cos(angle).to(weight.dtype)
-    m[rows, columns, 1] = torch.sin(angle).to(weight.dtype)
+    m[:, rows, columns, 0] = torch.cos(angle).to(weight.dtype)
+    m[:, rows, columns, 1] = torch.sin(angle).to(weight.dtype)
     cout_g, cin_g = weight.shape[0] // groups, weight.shape[1]
-    group = (index // math.prod(shape)).reshape(1)
-    kernel = weight.reshape(groups, cout_g * cin_g, taps).index_select(0, group)[0]
-    pairs = kernel @ m.reshape(taps, 2 * phases)  # (rows, 2P): Re, Im per phase
-    return torch.view_as_complex(pairs.reshape(cout_g, cin_g * phases, 2).contiguous())
+    kernels = weight.reshape(groups, cout_g * cin_g, taps)
+    # one group: every block reads the same kernel (a broadcast, no copies)
+    kernels = kernels[0] if groups == 1 else kernels.index_select(0, flat // math.prod(shape))
+    pairs = kernels @ m.reshape(n, taps, 2 * phases)  # (n, rows, 2P): Re, Im per phase
+    blocks = torch.view_as_complex(pairs.reshape(n, cout_g, cin_g * phases, 2).contiguous())
+    return blocks.reshape(*index.shape, cout_g, cin_g * phases)
+
+
+def tap_drift(change: torch.Tensor, groups: int) -> torch.Tensor:
+    """Upper bound on how much any per-frequency block norm can move when the kernel changes by
+    ``change``: max over groups of sum over taps of ||change_t||_F (a 0-d tensor).
+
+    Each block is A(f) = sum_t W_t e^{-i theta_t(f)} (phases only regroup taps), so
+    ||dA(f)|| <= sum_t ||dW_t|| at every frequency, and the block norm moves by at most that.
+    """
+    c = change.reshape(groups, -1, math.prod(change.shape[2:]))
+    return torch.linalg.vector_norm(c, dim=1).sum(1).amax()
+
+
+def row_spectrum_basis(geom: ConvGeometry, sub: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host-side constants for :func:`row_spectrum`: (pairs (taps^2, D), cosines (D, F)), float64.
+
+    For a block with one row (or one column), ||A(f)||^2 = sum over rows r and phases q of
+    |sum_{t in q} w_rt e^{-i theta_t(f)}|^2 = sum_{t, t' in one phase} O[t, t'] cos(theta_t(f) -
+    theta_t'(f)), with O = W^T W over the group's rows. The phase difference depends only on the
+    offset d = (p_t - p_t') // stride, so O is summed per offset (``pairs``) and the spectrum is
+    one matmul with cos(2 pi f.d / sub) over the D offsets.
+    """
+    rates, columns = tap_phases(geom, sub)
+    taps = torch.cartesian_prod(*(torch.arange(k) for k in geom.kernel_size)).reshape(-1, geom.ndim)
+    steps = (taps * torch.tensor(geom.dilation)) // torch.tensor(geom.stride)
+    diff = (steps[:, None, :] - steps[None, :, :]).reshape(-1, geom.ndim)
+    same = (columns[:, None] == columns[None, :]).reshape(-1)
+    offsets, index = torch.unique(diff, dim=0, return_inverse=True)
+    pairs = torch.zeros(diff.shape[0], offsets.shape[0], dtype=torch.float64)
+    pairs[torch.arange(diff.shape[0]), index] = same.to(torch.float64)
+    axes = [torch.arange(m) for m in sub[:-1]] + [torch.arange(sub[-1] // 2 + 1)]
+    freqs = torch.cartesian_prod(*axes).reshape(-1, len(sub)).to(torch.float64)
+    scale = torch.tensor([2 * math.pi / m for m in sub], dtype=torch.float64)
+    return pairs, torch.cos((offsets.to(torch.float64) * scale) @ freqs.T)
+
+
+def row_spectrum(weight: torch.Tensor, groups: int, pairs: torch.Tensor, cosines: torch.Tensor) -> torch.Tensor:
+    """||A(f)||^2 of every one-row/one-column block, (groups * F,) in :func:`spectrum_blocks`'s
+    order, by two matmuls (no FFT; see :func:`row_spectrum_basis`)."""
+    w = weight.reshape(groups, -1, math.prod(weight.shape[2:]))
+    gram = (w.mT @ w).reshape(groups, -1)  # (G, taps^2)
+    return ((gram @ pairs) @ cosines).reshape(-1)
+
+
+ROW_BASIS_LIMIT = 1 << 22  # cosine-table entries per input size beyond which the spectrum is swept
+SWEEP_BUDGET = 1 << 21  # elements a swept conv's per-step block evaluation may allocate
+
+
+def row_basis_size(geom: ConvGeometry, sub: Sequence[int]) -> int:
+    """Entries of :func:`row_spectrum_basis`'s cosine table: offsets (at most) x frequencies."""
+    kq = [math.ceil((d * (k - 1) + 1) / s) for k, d, s in zip(geom.kernel_size, geom.dilation, geom.stride)]
+    return math.prod(2 * k - 1 for k in kq) * math.prod(sub[:-1]) * (sub[-1] // 2 + 1)
 
 
 @torch.no_grad()
@@ -126,9 +182,16 @@ def block_power_steps(blocks: torch.Tensor, vectors: torch.Tensor, steps: int) -
     tiny = torch.finfo(blocks.real.dtype).tiny
     for _ in range(steps):
         y = (blocks.mH @ (blocks @ v.unsqueeze(-1))).squeeze(-1)
-        norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+        norm = complex_norm(y, keepdim=True)
         v = torch.where(norm > 0, y / norm.clamp_min(tiny), v)  # a zero block keeps its vector
-    return v, torch.linalg.vector_norm((blocks @ v.unsqueeze(-1)).squeeze(-1), dim=-1)
+    return v, complex_norm((blocks @ v.unsqueeze(-1)).squeeze(-1))
+
+
+def complex_norm(z: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """The 2-norm over the last dim of a complex tensor, through its real view (vector_norm of a
+    complex tensor is ~25x slower on CPU)."""
+    out = torch.view_as_real(z).square().sum((-2, -1)).sqrt()
+    return out.unsqueeze(-1) if keepdim else out
 
 
 @torch.no_grad()
