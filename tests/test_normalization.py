@@ -193,6 +193,28 @@ def test_conv_training_bound_tracks_the_fft_bound_at_every_step():
                 assert got == pytest.approx(fft, rel=1e-3), (conv, step, got / fft)
 
 
+def test_blocks_built_from_taps_equal_the_fft_blocks():
+    """block_at (a DFT written per tap, used for the gradient and the sweeps) and row_spectrum
+    (cosine table) against rfftn of the phase-stacked kernel, for every block of each geometry."""
+    from lipfx.norms.geometry import conv_geometry
+    from lipfx.norms.training import block_at, row_spectrum, row_spectrum_basis, spectrum_blocks, subgrid, tap_phases
+
+    torch.manual_seed(0)
+    for conv, size in CONV_TRAIN_CASES:
+        conv = copy.deepcopy(conv).double()
+        geom = conv_geometry(conv, "conv")
+        grid = subgrid(geom, size)
+        reference = spectrum_blocks(grid)
+        rates, columns = tap_phases(grid.geometry, grid.sub)
+        index = torch.arange(reference.shape[0])
+        built = block_at(conv.weight.detach(), conv.groups, grid, index, rates, columns)
+        torch.testing.assert_close(built, reference, rtol=1e-10, atol=1e-12)
+        if min(reference.shape[1:]) == 1:
+            pairs, cosines = row_spectrum_basis(grid.geometry, grid.sub)
+            power = row_spectrum(conv.weight.detach(), conv.groups, pairs, cosines)
+            torch.testing.assert_close(power, torch.view_as_real(reference).square().sum((-1, -2, -3)), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("conv, size", [CONV_TRAIN_CASES[1], CONV_TRAIN_CASES[3]], ids=["depthwise", "dense"])
 def test_swept_spectrum_stays_an_upper_bound_between_evaluations(conv, size, monkeypatch):
     """Spectra too large for every step are re-evaluated a few blocks per step, the others bounded

@@ -55,9 +55,11 @@ def normalized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Lipsch
 
 
 def power_residuals(model: nn.Module) -> dict[str, float]:
-    """Each normalized layer's relative power-iteration residual ||A^T A v - s^2 v|| / s^2 after
-    its last training step (0 where the training bound is exact: depthwise convs, ChannelAffine).
-    A training step never reads them; this does (once per layer: call it between steps)."""
+    """Each normalized layer's relative uncertainty after its last training step: the power
+    iteration's residual ||A^T A v - s^2 v|| / s^2 (pointwise, linear), or for a swept conv
+    spectrum the slack of its peak block over the bound (docs/math.md 7.4; the normalized norm is
+    then in [K / (1 + 2 slack), K]); 0 where the bound is exact (depthwise convs on small grids,
+    ChannelAffine). A training step never reads them; this does, once per layer."""
     return {name: float(p.residual) for name, _, p in normalized_layers(model)}
 
 

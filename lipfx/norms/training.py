@@ -3,17 +3,16 @@
 
 The certificate path (:mod:`lipfx.norms.conv`) works in float64 and proves its results. During
 training the normalized weight is ``W * K / bound(W)``, recomputed every step, so this module
-evaluates the same circulant-embedding bound over the whole spectrum in the weight's dtype (float32
-at least), on the smallest grid that embeds the conv, with device-side control flow only:
+evaluates the same circulant-embedding bound in the weight's dtype (float32 at least), on the
+smallest grid that embeds the conv, with device-side control flow only (index tensors, fixed
+step counts):
 
-- the spectrum of the phase-stacked kernel is taken outside autograd, and the block where the
-  bound peaks is found with an on-device argmax;
-- that one block is then rebuilt from the kernel with autograd (:func:`block_at`), so the
-  gradient of the bound is the gradient at its argmax and costs a block, not a spectrum.
-
-Blocks with one row or one column (depthwise convs) have the Frobenius norm as their exact
-2-norm; dense blocks (full convs) carry one warm-started singular vector each, advanced by a fixed
-number of power steps per training step.
+- :func:`row_spectrum`: the power spectrum of one-row/one-column blocks (depthwise convs) by two
+  matmuls with a cosine table, differentiable as it is;
+- :func:`block_at`: any blocks, rebuilt from the kernel for given (device) indices, with autograd;
+- :func:`block_power_steps`: warm power steps on many dense blocks at once;
+- :func:`tap_drift`: how far any block norm can move when the kernel changes (the slack of a
+  sweep); :func:`spectrum_blocks`: every block by ``rfftn`` (the reference the tests compare with).
 """
 
 from __future__ import annotations
