@@ -205,9 +205,9 @@ def test_blocks_built_from_taps_equal_the_fft_blocks():
         geom = conv_geometry(conv, "conv")
         grid = subgrid(geom, size)
         reference = spectrum_blocks(grid)
-        rates, columns = tap_phases(grid.geometry, grid.sub)
+        steps, columns = tap_phases(grid.geometry)
         index = torch.arange(reference.shape[0])
-        built = block_at(conv.weight.detach(), conv.groups, grid, index, rates, columns)
+        built = block_at(conv.weight.detach(), conv.groups, grid, index, steps, columns)
         torch.testing.assert_close(built, reference, rtol=1e-10, atol=1e-12)
         if min(reference.shape[1:]) == 1:
             pairs, cosines = row_spectrum_basis(grid.geometry, grid.sub)
@@ -240,6 +240,7 @@ def test_swept_spectrum_stays_an_upper_bound_between_evaluations(conv, size, mon
     p = m.parametrizations.weight[0]
     w = m.parametrizations.weight.original
     assert 1 < p._chunks[0] < blocks
+    slack = 0.0
     for step in range(15):
         with torch.no_grad():
             w.add_(torch.randn_like(w) * 3e-3)
@@ -248,7 +249,44 @@ def test_swept_spectrum_stays_an_upper_bound_between_evaluations(conv, size, mon
         fft = max_transfer_norm(stacked, sub)
         low = 1e-3 if p.dense else 1e-7  # dense blocks: power-iterated estimates; depthwise: round-off
         assert fft * (1 - low) <= got <= fft * (1 + 1e-7) + 2 * float(p.residual) * got, (step, got, fft)
-    assert float(p.residual) > 0  # the slack was really used
+        slack = max(slack, float(p.residual))
+    assert slack > 0  # the slack was really used
+
+
+def test_swept_bound_survives_large_dilations_and_dtype_casts(monkeypatch):
+    """Two ways a swept bound once fell below the FFT bound: float32 phase angles of taps far
+    apart (a dilation of 257: now reduced exactly in integers), and a cast of the model between
+    training forwards, which rounded the weight and the kernel the slack is measured from alike
+    (now kept at float32 or more, so the cast shows up as drift)."""
+    import lipfx.normalization.layers as layers
+    from lipfx.norms.conv import zero_padded_grid
+    from lipfx.norms.geometry import conv_geometry
+    from lipfx.norms.spectral import max_transfer_norm, phase_stack
+
+    def fft_bound(conv, w, size):
+        geom = conv_geometry(conv, "conv")
+        sub = tuple(g // s for g, s in zip(zero_padded_grid(geom, size), conv.stride))
+        return max_transfer_norm(phase_stack(_dilate(w.detach().double(), conv.dilation), conv.groups, conv.stride), sub)
+
+    torch.manual_seed(0)
+    conv = nn.Conv1d(1, 1, 5, dilation=257, padding=514, bias=False)  # swept at the default budgets
+    net = lipfx.convert(nn.Sequential(conv), torch.randn(1, 1, 4001), separable=None).train()
+    p, w = net.get_submodule("0").parametrizations.weight[0], net.get_submodule("0").parametrizations.weight.original
+    assert p._chunks[0] is not None
+    assert float(p.train_bound(w.detach(), gradient=False).value) >= fft_bound(conv, w, (4001,)) * (1 - 5e-7)
+
+    monkeypatch.setattr(layers, "ROW_BASIS_LIMIT", 0)
+    monkeypatch.setattr(layers, "SWEEP_BUDGET", 1)  # one block per step
+    for dtype in (torch.float16, torch.bfloat16):
+        for trial in range(10):
+            conv = nn.Conv1d(1, 1, 4, padding=2, bias=False)
+            net = lipfx.convert(nn.Sequential(conv), torch.randn(1, 1, 64), separable=None).train()
+            net(torch.randn(1, 1, 64))  # one training step: the cursor moves on
+            net.to(dtype)  # a cast between training forwards
+            m = net.get_submodule("0")
+            p, w = m.parametrizations.weight[0], m.parametrizations.weight.original
+            got = float(p.train_bound(w.detach(), gradient=False).value)
+            assert got >= fft_bound(conv, w, (64,)) * (1 - 5e-7), (dtype, trial)
 
 
 def _dilate(w: torch.Tensor, dilation) -> torch.Tensor:

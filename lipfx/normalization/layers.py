@@ -87,6 +87,9 @@ class MatrixNormalization(LipschitzNormalization):
         return math.sqrt(min(rows, cols))
 
 
+_PRECISE = ("_pairs", "_cosines", "_vals", "_slack", "spectral_v", "_prev")
+
+
 class ConvNormalization(LipschitzNormalization):
     """Depthwise and other spatial convs: the FFT / polyphase bound at the input resolution(s).
 
@@ -116,26 +119,43 @@ class ConvNormalization(LipschitzNormalization):
         self._chunks: list = []  # per size: None (whole spectrum by the cosine table) or blocks per step
         for i, n in enumerate(self.sizes):
             grid = subgrid(geom, n)
-            rates, columns = tap_phases(grid.geometry, grid.sub)
-            # host-side constants of the blocks' phase maps, moved with the module
-            self.register_buffer(f"_rates{i}", rates.to(weight.dtype), persistent=False)
-            self.register_buffer(f"_columns{i}", columns, persistent=False)
+            if i == 0:  # host-side constants of the blocks' phase maps (integers), moved with the module
+                steps, columns = tap_phases(grid.geometry)
+                self.register_buffer("_steps", steps, persistent=False)
+                self.register_buffer("_columns", columns, persistent=False)
             if not self.dense and row_basis_size(grid.geometry, grid.sub) <= ROW_BASIS_LIMIT:
-                pairs, cosines = row_spectrum_basis(grid.geometry, grid.sub)
-                self.register_buffer(f"_pairs{i}", pairs.to(weight.dtype), persistent=False)
-                self.register_buffer(f"_cosines{i}", cosines.to(weight.dtype), persistent=False)
+                pairs, cosines = row_spectrum_basis(grid.geometry, grid.sub)  # float64, kept so (_apply)
+                self.register_buffer(f"_pairs{i}", pairs, persistent=False)
+                self.register_buffer(f"_cosines{i}", cosines, persistent=False)
                 self._chunks.append(None)
                 continue
             blocks = self.groups * math.prod(grid.sub[:-1]) * (grid.sub[-1] // 2 + 1)
             self._chunks.append(max(1, min(blocks, SWEEP_BUDGET // ((rows + taps) * 2 * phases))))
-            self.register_buffer(f"_vals{i}", weight.new_zeros(blocks))  # each block's norm when last evaluated
-            self.register_buffer(f"_slack{i}", weight.new_zeros(blocks))  # drift since then
+            state = compute_dtype(weight)  # never below float32 (_apply keeps it so)
+            self.register_buffer(f"_vals{i}", weight.new_zeros(blocks, dtype=state))  # each block's norm when last evaluated
+            self.register_buffer(f"_slack{i}", weight.new_zeros(blocks, dtype=state))  # drift since then
             self.register_buffer(f"_cursor{i}", torch.zeros((), dtype=torch.long))
             if self.dense:
-                self.register_buffer(f"spectral_v{i}", weight.new_zeros(blocks, weight.shape[1] * phases, 2))
+                self.register_buffer(f"spectral_v{i}", weight.new_zeros(blocks, weight.shape[1] * phases, 2, dtype=state))
         if any(c is not None for c in self._chunks):
-            self.register_buffer("_prev", weight.clone())  # the kernel the slacks are measured from
+            # the kernel the slacks are measured from, at full precision: a later cast of the
+            # weight (model.half()) then shows up as drift instead of rounding both alike
+            self.register_buffer("_prev", weight.to(compute_dtype(weight)).clone())
             self._sweep_all(weight)
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts like any module, except that the cosine tables stay float64 and the
+        sweep state never drops below float32 (its precision is part of the bound's soundness)."""
+        kept = {name: t for name, t in self._buffers.items()
+                if t is not None and t.is_floating_point() and name.startswith(_PRECISE)}
+        out = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            dtype = torch.float64 if name.startswith(("_pairs", "_cosines")) else \
+                torch.promote_types(after.dtype, torch.promote_types(before.dtype, torch.float32))
+            if after.dtype != dtype:
+                self._buffers[name] = before.to(device=after.device, dtype=dtype)
+        return out
     def _geometry(self, weight: torch.Tensor) -> ConvGeometry:
         return ConvGeometry(weight, self.groups, self.stride, self.dilation, self.pads, self.padding_mode)
 
@@ -167,11 +187,17 @@ class ConvNormalization(LipschitzNormalization):
         return TrainBound(value, None)
 
     def _row_bound(self, w: torch.Tensor, i: int, grid: Grid) -> torch.Tensor:
-        """Blocks with one row or one column on a small grid: the whole power spectrum by two
-        matmuls (the 2-norm is the Frobenius norm), differentiable as it is: its max has the
-        gradient of the argmax block."""
-        power = row_spectrum(w, self.groups, getattr(self, f"_pairs{i}").to(w.dtype), getattr(self, f"_cosines{i}").to(w.dtype))
-        return power.amax().clamp_min(0).sqrt()
+        """Blocks with one row or one column on a small grid (the 2-norm is the Frobenius norm):
+        the whole power spectrum by two matmuls outside autograd, then the argmax block's
+        ||A(f)||^2 = O_g . cos(f) again with autograd, so the backward touches one block."""
+        pairs, cosines = getattr(self, f"_pairs{i}").to(w.dtype), getattr(self, f"_cosines{i}").to(w.dtype)
+        with torch.no_grad():
+            index = row_spectrum(w.detach(), self.groups, pairs, cosines).argmax().reshape(1)
+        freqs = cosines.shape[1]
+        kernels = w.reshape(self.groups, -1, math.prod(w.shape[2:]))
+        kernel = kernels[0] if self.groups == 1 else kernels.index_select(0, index // freqs)[0]
+        power = ((kernel.mT @ kernel).reshape(-1) @ pairs) @ cosines.index_select(1, index % freqs)
+        return power[0].clamp_min(0).sqrt()
 
     @torch.no_grad()
     def _sweep_all(self, weight: torch.Tensor) -> None:
@@ -212,11 +238,11 @@ class ConvNormalization(LipschitzNormalization):
             if self.dense:
                 state = getattr(self, f"spectral_v{i}")
                 v, est = block_power_steps(blocks, torch.view_as_complex(state[index].to(w.dtype)), self.power_iters)
-                state[index] = torch.view_as_real(v).to(state.dtype)
+                state.index_copy_(0, index, torch.view_as_real(v).to(state.dtype))
             else:
                 est = complex_norm(blocks.reshape(chunk, -1))
-            vals[index] = (est * grid.factor).to(vals.dtype)
-            slack[index] = 0
+            vals.index_copy_(0, index, (est * grid.factor).to(vals.dtype))
+            slack.index_fill_(0, index, 0)  # (slack[index] = 0 would copy a host scalar to the device)
             cursor.copy_((cursor + chunk) % vals.shape[0])
             bounds = vals.to(w.dtype) + slack.to(w.dtype)
             peak = bounds.argmax().reshape(1)  # index_select: a 0-d index tensor would be read on the host
@@ -231,8 +257,7 @@ class ConvNormalization(LipschitzNormalization):
         return live + (bound - live).detach()
 
     def _block(self, w: torch.Tensor, i: int, grid: Grid, index: torch.Tensor) -> torch.Tensor:
-        rates, columns = getattr(self, f"_rates{i}").to(w.dtype), getattr(self, f"_columns{i}")
-        return block_at(w, self.groups, grid, index, rates, columns)
+        return block_at(w, self.groups, grid, index, self._steps, self._columns)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # checkpoints from before issue 17 kept a drift reference as extra state and no sweep

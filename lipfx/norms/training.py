@@ -77,27 +77,27 @@ def spectrum_blocks(grid: Grid) -> torch.Tensor:
     return spec.reshape(-1, *spec.shape[-2:])
 
 
-def tap_phases(geom: ConvGeometry, sub: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tap of the (undilated) kernel, for p = dilation * t: the phase advance per unit
-    frequency, -2 pi (p // stride) / sub (taps, d), and the phase column p mod stride in
-    :func:`phase_stack`'s order (taps,). Host-side constants: move them to the device once."""
+def tap_phases(geom: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tap of the (undilated) kernel, for p = dilation * t: its phase-tap position
+    ``p // stride`` (taps, d) and its phase column ``p mod stride`` in :func:`phase_stack`'s order
+    (taps,), both integer (a module cast never rounds them). Host-side: move them to the device once."""
     taps = torch.cartesian_prod(*(torch.arange(k) for k in geom.kernel_size)).reshape(-1, geom.ndim)
     pos = taps * torch.tensor(geom.dilation)
     stride = torch.tensor(geom.stride)
     place = torch.tensor([math.prod(geom.stride[i + 1:]) for i in range(geom.ndim)])
-    rates = (pos // stride).to(torch.float64) * torch.tensor([-2 * math.pi / m for m in sub], dtype=torch.float64)
-    return rates, ((pos % stride) * place).sum(1)
+    return pos // stride, ((pos % stride) * place).sum(1)
 
 
 def block_at(weight: torch.Tensor, groups: int, grid: Grid, index: torch.Tensor,
-             rates: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+             steps: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Blocks ``index`` of :func:`spectrum_blocks` rebuilt from ``weight`` with autograd:
     (*index.shape, Cout_g, Cin_g * P) complex.
 
-    Tap t contributes exp(-2 pi i f.(p // stride) / sub) to its phase's column (taps past the
-    subgrid wrap, and exp is periodic, so they need nothing). ``index`` is a device tensor of
-    flat block indices (group-major); ``rates`` and ``columns`` are :func:`tap_phases` for this
-    grid, on the weight's device.
+    Tap t contributes exp(-2 pi i f.(p // stride) / sub) to its phase's column. The phase is
+    reduced exactly in integers first (f.(p // stride) mod sub per dim), so the angle stays below
+    2 pi d whatever the dilation and the dtype (taps past the subgrid wrap for free). ``index``
+    holds flat block indices (group-major); ``steps`` and ``columns`` are :func:`tap_phases`,
+    on the weight's device.
     """
     shape = tuple(grid.sub[:-1]) + (grid.sub[-1] // 2 + 1,)
     flat = index.reshape(-1)
@@ -106,8 +106,12 @@ def block_at(weight: torch.Tensor, groups: int, grid: Grid, index: torch.Tensor,
     for size in reversed(shape):  # unravel on the device (torch.unravel_index copies from the host)
         freq.append(rest % size)
         rest = rest // size
-    angle = torch.stack(freq[::-1], -1).to(rates.dtype) @ rates.T  # (n, taps)
-    n, taps, phases = flat.shape[0], rates.shape[0], math.prod(grid.geometry.stride)
+    freq = torch.stack(freq[::-1], -1)  # (n, d)
+    turns = torch.zeros((), dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32, device=weight.device)
+    for d, m in enumerate(grid.sub):
+        turns = turns + ((freq[:, None, d] * steps[None, :, d]) % m).to(turns.dtype) / m  # (n, taps)
+    angle = turns * (-2 * math.pi)
+    n, taps, phases = flat.shape[0], steps.shape[0], math.prod(grid.geometry.stride)
     m = weight.new_zeros(n, taps, phases, 2)
     rows = torch.arange(taps, device=weight.device)
     m[:, rows, columns, 0] = torch.cos(angle).to(weight.dtype)
@@ -141,18 +145,17 @@ def row_spectrum_basis(geom: ConvGeometry, sub: Sequence[int]) -> tuple[torch.Te
     offset d = (p_t - p_t') // stride, so O is summed per offset (``pairs``) and the spectrum is
     one matmul with cos(2 pi f.d / sub) over the D offsets.
     """
-    rates, columns = tap_phases(geom, sub)
-    taps = torch.cartesian_prod(*(torch.arange(k) for k in geom.kernel_size)).reshape(-1, geom.ndim)
-    steps = (taps * torch.tensor(geom.dilation)) // torch.tensor(geom.stride)
+    steps, columns = tap_phases(geom)
     diff = (steps[:, None, :] - steps[None, :, :]).reshape(-1, geom.ndim)
     same = (columns[:, None] == columns[None, :]).reshape(-1)
     offsets, index = torch.unique(diff, dim=0, return_inverse=True)
     pairs = torch.zeros(diff.shape[0], offsets.shape[0], dtype=torch.float64)
     pairs[torch.arange(diff.shape[0]), index] = same.to(torch.float64)
     axes = [torch.arange(m) for m in sub[:-1]] + [torch.arange(sub[-1] // 2 + 1)]
-    freqs = torch.cartesian_prod(*axes).reshape(-1, len(sub)).to(torch.float64)
-    scale = torch.tensor([2 * math.pi / m for m in sub], dtype=torch.float64)
-    return pairs, torch.cos((offsets.to(torch.float64) * scale) @ freqs.T)
+    freqs = torch.cartesian_prod(*axes).reshape(-1, len(sub))
+    # exact integer phase reduction, as in block_at
+    turns = sum(((offsets[:, None, d] * freqs[None, :, d]) % m).to(torch.float64) / m for d, m in enumerate(sub))
+    return pairs, torch.cos(-2 * math.pi * turns)
 
 
 def row_spectrum(weight: torch.Tensor, groups: int, pairs: torch.Tensor, cosines: torch.Tensor) -> torch.Tensor:
