@@ -244,11 +244,12 @@ def test_state_dict_round_trip_and_inverse_before_any_forward():
     assert block.inverse(y).shape == y.shape and "_reference" not in str(block)
     assert bool(info.converged.all())
     assert block.state_dict().keys() == fresh.state_dict().keys()  # no cached copies saved
-    # only K and power-iteration state: one vector per group of a 1x1 layer, and for a conv kept
-    # whole one vector per frequency block (about one input's worth: what training warm-starts from)
+    # only K and the training bounds' state: one vector per group of a 1x1 layer; for a conv kept
+    # whole, its sweep (per frequency block a value, a slack and a vector: about one input's worth)
     for name, t in block.named_buffers():
         leaf = name.rpartition(".")[2]
-        assert leaf in ("K", "v", "residual") or re.fullmatch(r"(spectral_v|_rates|_columns)\d+", leaf), name
+        assert leaf in ("K", "v", "residual", "_prev", "_steps", "_columns") or \
+            re.fullmatch(r"(spectral_v|_vals|_slack|_cursor|_pairs|_cosines)\d+", leaf), name
         if leaf.startswith("spectral_v"):
             assert t.numel() <= 2 * 4 * x[0, 0].numel() * 16, (name, t.shape)  # 2 reals x phases x size x hidden
 
