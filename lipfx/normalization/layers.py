@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..norms.conv import conv_bound, grouped_matrix_norm
-from ..norms.estimators import grouped_power_iteration, power_steps
+from ..norms.estimators import fixed_power_steps, grouped_power_iteration
 from ..norms.geometry import ConvGeometry, conv_geometry
 from ..norms.training import (ROW_BASIS_LIMIT, SWEEP_BUDGET, BlockGradient, Grid, block_at, block_power_steps, complex_norm,
                               row_basis_size, row_spectrum, row_spectrum_basis, tap_drift,
@@ -54,16 +54,16 @@ class MatrixNormalization(LipschitzNormalization):
         """``power_iters`` warm-started power steps per group; sigma = ||A v|| (an estimate from
         below) with gradient u v^T at the group that attains the maximum. Everything stays on
         the device: the group is an on-device argmax, the residual is kept in ``residual``."""
-        steps = power_steps(self._matrices(weight.to(compute_dtype(weight))), self.v, None, self.power_iters)
+        steps = fixed_power_steps(self._matrices(weight.to(compute_dtype(weight))), self.v, self.power_iters)
         self.v.copy_(steps.next)
         if self.groups == 1:
-            group, value = 0, steps.sigma[0]
-            u, v, res = steps.u[0], steps.v[0], steps.residual[0]
+            group, value, res = 0, steps.sigma.reshape(()), steps.residual.reshape(())
+            left, right = steps.u.mT, steps.v
         else:
             group = steps.sigma.argmax()
             pick = group.reshape(1)
-            value = steps.sigma.index_select(0, pick)[0]
-            u, v, res = steps.u.index_select(0, pick)[0], steps.v.index_select(0, pick)[0], steps.residual.amax()
+            value, res = steps.sigma.index_select(0, pick)[0], steps.residual.amax()
+            left, right = steps.u.index_select(0, pick).mT, steps.v.index_select(0, pick)
         self.residual.copy_(res)
         # sigma^2 + residual is the top of the interval [sigma^2 - r, sigma^2 + r] that holds an
         # eigenvalue of A^T A (Krylov-Weinstein): after a large weight change the warm vector
@@ -71,7 +71,7 @@ class MatrixNormalization(LipschitzNormalization):
         lift = torch.sqrt(1 + res)
         if not gradient:
             return TrainBound(value * lift, None)
-        return TrainBound(value * lift, BlockGradient(group, (u * lift).unsqueeze(1), v.unsqueeze(0)))
+        return TrainBound(value * lift, BlockGradient(group, left * lift, right))
 
     @torch.no_grad()
     def prime(self, weight: torch.Tensor, iters: int = _PRIME_ITERS) -> None:

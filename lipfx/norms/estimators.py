@@ -91,40 +91,51 @@ def power_steps(matrices: torch.Tensor, v: torch.Tensor, eps: Optional[float] = 
     relative to sigma^2 by default (the paper's rule made scale-free, so it means the same before
     and after normalization), absolute with ``relative=False`` (the paper's rule as written).
 
-    ``eps=None`` runs exactly ``max_iter`` steps and never reads a value on the host: what a
-    training step uses, so that it neither waits for the device nor breaks a compiled graph.
+    ``eps=None`` runs exactly ``max_iter`` steps (:func:`fixed_power_steps`) and never reads a
+    value on the host: what a training step uses, so that it neither waits for the device nor
+    breaks a compiled graph.
     """
     a = matrices.detach()
     v = _normalize_rows(v.to(a.dtype))  # a new tensor: the caller's state is not aliased
     tiny = torch.finfo(a.dtype).tiny
-    if eps is None and relative and max_iter > 1:
-        # fixed steps: the first max_iter - 1 only set a direction (no sigma, no residual), so
-        # they cost two matvecs and a norm each
-        y = v
-        for _ in range(max_iter - 1):
-            y = torch.bmm(torch.bmm(a, y.unsqueeze(-1)).mT, a).squeeze(1)
-            y = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(tiny)
-        v = torch.where(y.abs().amax(-1, keepdim=True) > 0, y, v)  # a zero group keeps its vector
-        return power_steps(a, v, None, 1, relative)._replace(iterations=max_iter)
+    if eps is None and relative:
+        return fixed_power_steps(a, v, max_iter)
     for it in range(1, max_iter + 1):
         x = torch.bmm(a, v.unsqueeze(-1)).squeeze(-1)
         sigma = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         u = x / sigma.clamp_min(tiny)
         y = torch.bmm(u.unsqueeze(1), a).squeeze(1)  # A^T u, so sigma (y - sigma v) is the residual
-        last = it == max_iter
-        if eps is not None or last:  # fixed steps: the residual only once, at the end
-            residual = sigma * torch.linalg.vector_norm(y - sigma * v, dim=-1, keepdim=True)
-            if relative:
-                residual = residual / sigma.square().clamp_min(tiny)
+        residual = sigma * torch.linalg.vector_norm(y - sigma * v, dim=-1, keepdim=True)
+        if relative:
+            residual = residual / sigma.square().clamp_min(tiny)
         norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-        if last or eps is not None:
-            nxt = torch.where(norm_y > 0, y / norm_y.clamp_min(tiny), v)  # a zero group keeps its vector
-        else:
-            nxt = y / norm_y.clamp_min(tiny)
-        if last or (eps is not None and bool((residual <= eps if relative else residual < eps).all())):
+        nxt = torch.where(norm_y > 0, y / norm_y.clamp_min(tiny), v)  # a zero group keeps its vector
+        if it == max_iter or (eps is not None and bool((residual <= eps if relative else residual < eps).all())):
             break
         v = nxt
     return PowerSteps(sigma.squeeze(-1), u, v, nxt, residual.squeeze(-1), it)
+
+
+@torch.no_grad()
+def fixed_power_steps(a: torch.Tensor, v: torch.Tensor, steps: int) -> PowerSteps:
+    """Exactly ``steps`` power steps on (G, m, n) from unit vectors ``v`` (G, n), with the relative
+    residual of the last one, in as few kernels as the iteration allows (a training step runs
+    this for every layer): the first steps only set a direction, and one guard at the end keeps
+    the starting vector of a zero group instead of collapsing it to 0."""
+    tiny = torch.finfo(a.dtype).tiny
+    start = w = v.to(a.dtype)
+    for _ in range(steps - 1):
+        y = torch.bmm(torch.bmm(a, w.unsqueeze(-1)).mT, a).squeeze(1)
+        w = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(tiny)
+    x = torch.bmm(a, w.unsqueeze(-1)).squeeze(-1)
+    sigma = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    safe = sigma.clamp_min(tiny)
+    u = x / safe
+    y = torch.bmm(u.unsqueeze(1), a).squeeze(1)  # A^T u: sigma ||y - sigma w|| is the residual
+    residual = torch.linalg.vector_norm(y - sigma * w, dim=-1, keepdim=True) / safe  # relative to sigma^2
+    norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    nxt = torch.where(norm_y > 0, y / norm_y.clamp_min(tiny), start)
+    return PowerSteps(sigma.squeeze(-1), u, w, nxt, residual.squeeze(-1), steps)
 
 
 def grouped_power_iteration(

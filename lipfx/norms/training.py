@@ -142,11 +142,14 @@ def row_spectrum_basis(geom: ConvGeometry, sub: Sequence[int]) -> tuple[torch.Te
     For a block with one row (or one column), ||A(f)||^2 = sum over rows r and phases q of
     |sum_{t in q} w_rt e^{-i theta_t(f)}|^2 = sum_{t, t' in one phase} O[t, t'] cos(theta_t(f) -
     theta_t'(f)), with O = W^T W over the group's rows. The phase difference depends only on the
-    offset d = (p_t - p_t') // stride, so O is summed per offset (``pairs``) and the spectrum is
-    one matmul with cos(2 pi f.d / sub) over the D offsets.
+    offset d = (p_t - p_t') // stride (and d, -d give the same cosine), so O is summed per offset
+    up to sign (``pairs``) and the spectrum is one matmul with cos(2 pi f.d / sub) over the D offsets.
     """
     steps, columns = tap_phases(geom)
     diff = (steps[:, None, :] - steps[None, :, :]).reshape(-1, geom.ndim)
+    # d and -d have the same cosine and O is symmetric: keep one of each pair (about half the table)
+    first = diff[torch.arange(diff.shape[0]), (diff != 0).to(torch.int8).argmax(1)]
+    diff = torch.where((first < 0)[:, None], -diff, diff)
     same = (columns[:, None] == columns[None, :]).reshape(-1)
     offsets, index = torch.unique(diff, dim=0, return_inverse=True)
     pairs = torch.zeros(diff.shape[0], offsets.shape[0], dtype=torch.float64)
@@ -167,13 +170,13 @@ def row_spectrum(weight: torch.Tensor, groups: int, pairs: torch.Tensor, cosines
 
 
 ROW_BASIS_LIMIT = 1 << 22  # cosine-table entries per input size beyond which the spectrum is swept
-SWEEP_BUDGET = 1 << 21  # elements a swept conv's per-step block evaluation may allocate
+SWEEP_BUDGET = 1 << 19  # elements a swept conv's per-step block evaluation may allocate
 
 
 def row_basis_size(geom: ConvGeometry, sub: Sequence[int]) -> int:
     """Entries of :func:`row_spectrum_basis`'s cosine table: offsets (at most) x frequencies."""
     kq = [math.ceil((d * (k - 1) + 1) / s) for k, d, s in zip(geom.kernel_size, geom.dilation, geom.stride)]
-    return math.prod(2 * k - 1 for k in kq) * math.prod(sub[:-1]) * (sub[-1] // 2 + 1)
+    return (math.prod(2 * k - 1 for k in kq) + 1) // 2 * math.prod(sub[:-1]) * (sub[-1] // 2 + 1)
 
 
 @torch.no_grad()
