@@ -14,7 +14,7 @@ from .budget import fit_budget, fit_constants
 from .errors import ArgumentError, ShapeError
 from .normalization import KSpec, normalize as register_normalization
 from .normalization.options import POWER_ITERS, warn_retired
-from .passes import ConversionReport, fold_batchnorm, remove_batchnorm, rewrite_separable
+from .passes import ConversionReport, fold_batchnorm, remove_batchnorm, replace_activations, rewrite_separable
 from .tracing import Inputs, as_tuple, check_inputs, check_model, eval_mode, trace, wrap_torch_layer
 
 BN_MODES = ("fold", "remove")
@@ -35,6 +35,7 @@ def convert(
     rank: Optional[int] = None,
     leaf_modules: Iterable[str] = (),
     lipschitz: Optional[float] = None,
+    activation: Optional[str] = None,
     eps: Optional[float] = None,
     refresh: Optional[float] = None,
 ) -> fx.GraphModule:
@@ -72,6 +73,10 @@ def convert(
             Without ``normalize``, conv/linear weights are rescaled once to a common norm. The
             choice is in the report (action ``'budget'``), the certificate of the result in
             ``lipfx_certificate``.
+        activation: ``"maxmin"``, ``"groupsort"`` or ``"abs"`` replaces every ReLU-like
+            activation (ReLU, ReLU6, LeakyReLU, PReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish;
+            modules and functional calls) by that gradient-norm-preserving one
+            (:mod:`lipfx.activations`); ``None`` keeps them. Changes the function, like ``bn="remove"``.
         eps, refresh: retired; ignored, with a warning (see :func:`lipfx.normalize`).
 
     Returns:
@@ -95,6 +100,8 @@ def convert(
         remove_batchnorm(gm, report)
     if separable is not None:
         rewrite_separable(gm, separable, rank, report)
+    if activation is not None:
+        replace_activations(gm, activation, report)
     gm.graph.lint()
     gm.recompile()
     _propagate_shapes(gm, example_inputs, work)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..activations import Abs, GroupSort, MaxMin
 from .context import NodeContext, Step, Unbounded, broadcast_factor, constant
 from .fuzzing import FuzzCase, apply, randn, unary
 from .table import OpEntry, key_name, table
@@ -162,6 +163,15 @@ def _fixed(keys: tuple, value: float, method: str, fuzz=_wide) -> OpEntry:
     return OpEntry(keys, constant(value, method), fuzz, size_free=True, doc=method)
 
 
+def _gnp_cases(key, g: torch.Generator) -> list[FuzzCase]:
+    # odd channel counts (a passed-through remainder) and ties broken both ways
+    made = [key()] if key is Abs else [key(), key(dim=-1)]
+    if key is GroupSort:
+        made.append(GroupSort(3))
+    shapes = ((3, 8), (2, 5, 4, 3), (2, 6, 3))
+    return [FuzzCase(m, (randn(s, g, 2.0),), f"{m!r} at {s}") for m in made for s in shapes]
+
+
 ENTRIES = (
     _fixed((nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, torch.relu, F.relu,
             torch.relu_, F.relu6, F.hardtanh, torch.tanh, F.tanh, F.softsign, F.logsigmoid, F.tanhshrink, "relu",
@@ -186,6 +196,8 @@ ENTRIES = (
     OpEntry((nn.PReLU,), _prelu_rule, _prelu_cases, size_free=True, doc="max(1, max|slope|)"),
     OpEntry((nn.LogSoftmax, F.log_softmax, torch.log_softmax, "log_softmax"), _log_softmax_rule,
             _log_softmax_cases, doc="sqrt(n)"),
+    OpEntry((MaxMin, GroupSort, Abs), constant(1.0, "GNP activation: piecewise a permutation (or signs), 1-Lipschitz"),
+            _gnp_cases, size_free=True, leaf=True, doc="1 (gradient-norm-preserving)"),
 )
 for _entry in ENTRIES:
     table().add(_entry)

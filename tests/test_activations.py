@@ -1,0 +1,103 @@
+"""Gradient-norm-preserving activations (issue 15, first part): MaxMin, GroupSort, Abs, and
+``convert(..., activation=...)``."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import lipfx
+from lipfx.activations import Abs, GroupSort, MaxMin
+
+GNP = [MaxMin(), MaxMin(dim=-1), GroupSort(2), GroupSort(3), GroupSort(4, dim=-1), Abs()]
+
+
+def _fd_jacobian(f, x: torch.Tensor, h: float = 1e-7) -> torch.Tensor:
+    """Central differences without autograd: exact for a piecewise-linear f away from its kinks."""
+    cols = []
+    for i in range(x.numel()):
+        e = torch.zeros_like(x).reshape(-1)
+        e[i] = h
+        e = e.reshape(x.shape)
+        cols.append(((f(x + e) - f(x - e)) / (2 * h)).reshape(-1))
+    return torch.stack(cols, 1)
+
+
+@pytest.mark.parametrize("act", GNP, ids=repr)
+def test_jacobian_is_orthogonal_almost_everywhere(act):
+    """Every singular value of the Jacobian is 1 (GNP; ReLU's would be 0 wherever it is off),
+    and secant quotients never exceed 1."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 7, 3), (1, 6, 2, 2)):
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+        s = torch.linalg.svdvals(_fd_jacobian(act, x))
+        torch.testing.assert_close(s, torch.ones_like(s), rtol=0, atol=1e-6)
+        y = x + torch.randn(shape, generator=g, dtype=torch.float64)
+        assert float((act(x) - act(y)).norm()) <= float((x - y).norm()) * (1 + 1e-12)
+    relu = _fd_jacobian(torch.relu, x)
+    assert float(torch.linalg.svdvals(relu).min()) == 0.0  # what GNP avoids
+
+
+def test_values_against_plain_sorting():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 7, 3, generator=g)
+    got = GroupSort(3)(x)
+    for b in range(2):
+        for k in range(3):
+            col = x[b, :, k].tolist()
+            want = sorted(col[0:3], reverse=True) + sorted(col[3:6], reverse=True) + col[6:]
+            assert got[b, :, k].tolist() == want
+    mm = MaxMin()(x)
+    torch.testing.assert_close(mm[:, :3], torch.maximum(x[:, :3], x[:, 3:6]))
+    torch.testing.assert_close(mm[:, 3:6], torch.minimum(x[:, :3], x[:, 3:6]))
+    torch.testing.assert_close(mm[:, 6:], x[:, 6:])  # the odd channel passes through
+    assert torch.equal(Abs()(x), x.abs())
+    with pytest.raises(lipfx.ArgumentError, match="group_size"):
+        GroupSort(1)
+
+
+@pytest.mark.parametrize("activation, kind, name", [("maxmin", MaxMin, "resnet18"), ("groupsort", GroupSort, "mobilenet_v2")])
+def test_convert_replaces_every_relu_like_activation(activation, kind, name, zoo):
+    x = torch.randn(1, 3, 32, 32)
+    net = lipfx.convert(zoo.shared(name, num_classes=10), x, activation=activation)
+    modules = list(net.modules())
+    assert not any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in modules), name
+    calls = [n for n in net.graph.nodes if n.op == "call_module" and isinstance(net.get_submodule(n.target), kind)]
+    assert len(calls) == len(net.lipfx_report.by_action(f"activation-{activation}")) >= 10, name
+    cert = lipfx.certificate(net, x)
+    assert 0 < cert.bound < float("inf")
+    # the certificate is above the secant quotients of the converted network
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        a, b = torch.randn(2, 3, 32, 32, generator=g).split(1)
+        b = a + 1e-2 * b
+        ratio = float((net.eval()(a) - net(b)).norm() / (a - b).norm())
+    assert ratio <= cert.bound
+
+
+def test_functional_and_method_activations_are_replaced_and_in_place_readers_refused():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return nn.functional.gelu(self.lin(x)).relu() + torch.relu(x)
+
+    net = lipfx.convert(Functional(), torch.randn(2, 6), activation="abs", normalize=False)
+    assert sum(isinstance(m, Abs) for m in net.modules()) == 3
+    x = torch.randn(4, 6)
+    m = Functional()
+    m.load_state_dict({k.replace("lin.", "lin."): v for k, v in net.state_dict().items()})
+    torch.testing.assert_close(net(x), m.lin(x).abs().abs() + x.abs())
+
+    class Aliased(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            z = torch.relu_(y)  # writes y in place ...
+            return z + y  # ... and y is read again: an out-of-place replacement would change this
+
+    with pytest.raises(lipfx.LipfxError, match="in place"):
+        lipfx.convert(Aliased(), torch.randn(2, 3), activation="maxmin", normalize=False)
+    with pytest.raises(lipfx.ArgumentError, match="unknown activation"):
+        lipfx.convert(Functional(), torch.randn(2, 6), activation="relu")
