@@ -274,7 +274,7 @@ def _radius_argument(who: str, radius, eps, default):
     if eps is not None:
         if radius is not None:
             raise ArgumentError(f"{who}: pass radius only (eps is its deprecated old name), not both")
-        warnings.warn(f"{who}(eps=...) is deprecated: the l2 radius is now called radius= "
-                      "(eps in lipfx is the power-iteration tolerance)", DeprecationWarning, stacklevel=3)
+        warnings.warn(f"{who}(eps=...) is deprecated: the l2 radius is now called radius=", DeprecationWarning,
+                      stacklevel=3)
         return eps
     return default if radius is None else radius
