@@ -26,3 +26,20 @@ def dense_norm(module: torch.nn.Module, input_shape: Sequence[int]) -> float:
     with torch.no_grad():
         matrix = dense_matrix(linear_part(module, input_shape), input_shape)
     return float(torch.linalg.matrix_norm(matrix, ord=2))
+
+
+@torch.no_grad()
+def spectrum_blocks(grid) -> torch.Tensor:
+    """Every per-frequency block of a conv's phase-stacked kernel by ``rfftn`` (or the wrapped
+    transfer matrices), (groups * F, Cout_g, Cin_g * P) complex, group-major over the half
+    spectrum: the layout lipfx.norms.training builds block by block. ``grid``: its ``subgrid``."""
+    from lipfx.norms.spectral import phase_stack, transfer_matrices
+
+    geom = grid.geometry
+    stacked = phase_stack(geom.dilated_weight(), geom.groups, geom.stride)
+    if any(k > m for k, m in zip(stacked.shape[3:], grid.sub)):
+        spec = transfer_matrices(stacked, grid.sub)  # taps wrap around the grid: (G, *F, co, ci)
+    else:  # zero padding never wraps: rfftn pads the kernel itself
+        spec = torch.fft.rfftn(stacked, s=grid.sub, dim=tuple(range(3, stacked.dim())))
+        spec = spec.movedim((1, 2), (-2, -1))
+    return spec.reshape(-1, *spec.shape[-2:])

@@ -3,7 +3,6 @@
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import lipfx

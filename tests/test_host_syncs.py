@@ -19,6 +19,7 @@ from lipfx.invertible import InvertibleResidual, InvertibleSequential, Squeeze
 from lipfx.normalization import ConvNormalization, DiagonalNormalization, MatrixNormalization, normalized_layers
 
 import zoo
+from test_normalization import layer_inputs, true_norm
 
 
 def _net3d() -> nn.Module:
@@ -157,36 +158,6 @@ def test_compiled_training_step_matches_eager(separable, scaling):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _true_norms(net: nn.Module, x: torch.Tensor) -> dict:
-    """Each normalized layer's norm with the weight it uses in training now (float64 dense SVD)."""
-    from reference import dense_matrix
-
-    shapes = {}
-    def record(name):
-        def hook(module, args):
-            shapes.setdefault(name, tuple(args[0].shape[1:]))
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m, _ in normalized_layers(net)]
-    with torch.no_grad():
-        net(x[:1])
-    for h in hooks:
-        h.remove()
-    out = {}
-    for name, m, p in normalized_layers(net):
-        with torch.no_grad():
-            if isinstance(p, DiagonalNormalization):
-                out[name] = float(m.scale.abs().max())
-                continue
-            w = m.weight.detach().double()
-            if isinstance(m, nn.Linear):
-                op = w
-            else:
-                op = dense_matrix(lambda t: type(m)._conv_forward(m, t, w, None), shapes[name])
-        out[name] = float(torch.linalg.matrix_norm(op, ord=2))
-    return out
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_keeps_bounds_in_float32(dtype):
     """Under autocast the bounds are computed in float32: the normalized weights equal the
@@ -206,7 +177,9 @@ def test_autocast_keeps_bounds_in_float32(dtype):
             torch.testing.assert_close(w.detach(), plain[n], rtol=1e-5, atol=0)
         out = net(x)
     assert out.dtype == dtype
-    norms = _true_norms(net, x)
+    shapes = layer_inputs(net, x[:1])
+    net.train()
+    norms = {n: true_norm(m, p, shapes[n]) for n, m, p in normalized_layers(net)}
     assert max(norms.values()) <= K * (1 + 1e-3), norms
     assert max(norms.values()) >= K * 0.99, norms
 

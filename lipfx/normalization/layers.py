@@ -123,13 +123,13 @@ class ConvNormalization(LipschitzNormalization):
                 steps, columns = tap_phases(grid.geometry)
                 self.register_buffer("_steps", steps, persistent=False)
                 self.register_buffer("_columns", columns, persistent=False)
-            if not self.dense and row_basis_size(grid.geometry, grid.sub) <= ROW_BASIS_LIMIT:
-                pairs, cosines = row_spectrum_basis(grid.geometry, grid.sub)  # float64, kept so (_apply)
+            if not self.dense and row_basis_size(grid) <= ROW_BASIS_LIMIT:
+                pairs, cosines = row_spectrum_basis(grid)  # float64, kept so (_apply)
                 self.register_buffer(f"_pairs{i}", pairs, persistent=False)
                 self.register_buffer(f"_cosines{i}", cosines, persistent=False)
                 self._chunks.append(None)
                 continue
-            blocks = self.groups * math.prod(grid.sub[:-1]) * (grid.sub[-1] // 2 + 1)
+            blocks = self.groups * math.prod(grid.frequencies)
             self._chunks.append(max(1, min(blocks, SWEEP_BUDGET // ((rows + taps) * 2 * phases))))
             state = compute_dtype(weight)  # never below float32 (_apply keeps it so)
             self.register_buffer(f"_vals{i}", weight.new_zeros(blocks, dtype=state))  # each block's norm when last evaluated
@@ -156,6 +156,7 @@ class ConvNormalization(LipschitzNormalization):
             if after.dtype != dtype:
                 self._buffers[name] = before.to(device=after.device, dtype=dtype)
         return out
+
     def _geometry(self, weight: torch.Tensor) -> ConvGeometry:
         return ConvGeometry(weight, self.groups, self.stride, self.dilation, self.pads, self.padding_mode)
 
@@ -201,29 +202,36 @@ class ConvNormalization(LipschitzNormalization):
 
     @torch.no_grad()
     def _sweep_all(self, weight: torch.Tensor) -> None:
-        """Evaluate every block of every swept size (at registration, and after a reload whose
-        state does not match the weights): exact norms, dense blocks primed with their exact top
-        singular vectors."""
+        """Evaluate every block of every swept size (at registration): exact norms, dense blocks
+        primed with their exact top singular vectors."""
         w = weight.detach().to(compute_dtype(weight))
         for i, n in enumerate(self.sizes):
             chunk = self._chunks[i]
             if chunk is None:
                 continue
             grid = subgrid(self._geometry(w), n)
-            vals = getattr(self, f"_vals{i}")
-            for start in range(0, vals.shape[0], chunk):
-                index = torch.arange(start, min(start + chunk, vals.shape[0]), device=w.device)
-                blocks = self._block(w, i, grid, index)
-                if self.dense:
-                    v = top_vectors(blocks)
-                    getattr(self, f"spectral_v{i}")[index] = torch.view_as_real(v).to(vals.dtype)
-                    est = complex_norm((blocks @ v.unsqueeze(-1)).squeeze(-1))
-                else:
-                    est = complex_norm(blocks.reshape(blocks.shape[0], -1))
-                vals[index] = (est * grid.factor).to(vals.dtype)
-            getattr(self, f"_slack{i}").zero_()
+            blocks = getattr(self, f"_vals{i}").shape[0]
+            for start in range(0, blocks, chunk):
+                self._evaluate(w, i, grid, torch.arange(start, min(start + chunk, blocks), device=w.device), prime=True)
             getattr(self, f"_cursor{i}").zero_()
-        self._prev.copy_(weight.detach())
+        self._prev.copy_(w)
+
+    @torch.no_grad()
+    def _evaluate(self, w: torch.Tensor, i: int, grid: Grid, index: torch.Tensor, prime: bool = False) -> None:
+        """Blocks ``index`` from the kernel now into the sweep state: their norms times ||P||
+        (dense blocks: ``power_iters`` warm power steps, or from their exact top singular
+        vectors with ``prime``), and no slack."""
+        blocks = self._block(w, i, grid, index)
+        if self.dense:
+            state = getattr(self, f"spectral_v{i}")
+            start = top_vectors(blocks) if prime else torch.view_as_complex(state[index].to(w.dtype))
+            v, est = block_power_steps(blocks, start, 0 if prime else self.power_iters)
+            state.index_copy_(0, index, torch.view_as_real(v).to(state.dtype))
+        else:
+            est = complex_norm(blocks.reshape(index.shape[0], -1))
+        vals = getattr(self, f"_vals{i}")
+        vals.index_copy_(0, index, (est * grid.factor).to(vals.dtype))
+        getattr(self, f"_slack{i}").index_fill_(0, index, 0)  # (slack[index] = 0 would copy a host scalar)
 
     def _swept_bound(self, w: torch.Tensor, i: int, grid: Grid, drift: torch.Tensor) -> torch.Tensor:
         """Spectra too large for every step: ``chunk`` blocks re-evaluated per step in turn, the
@@ -233,16 +241,7 @@ class ConvNormalization(LipschitzNormalization):
         vals, slack, cursor = (getattr(self, f"{k}{i}") for k in ("_vals", "_slack", "_cursor"))
         with torch.no_grad():
             slack.add_((drift * grid.factor).to(slack.dtype))
-            index = (cursor + torch.arange(chunk, device=w.device)) % vals.shape[0]
-            blocks = self._block(w.detach(), i, grid, index)
-            if self.dense:
-                state = getattr(self, f"spectral_v{i}")
-                v, est = block_power_steps(blocks, torch.view_as_complex(state[index].to(w.dtype)), self.power_iters)
-                state.index_copy_(0, index, torch.view_as_real(v).to(state.dtype))
-            else:
-                est = complex_norm(blocks.reshape(chunk, -1))
-            vals.index_copy_(0, index, (est * grid.factor).to(vals.dtype))
-            slack.index_fill_(0, index, 0)  # (slack[index] = 0 would copy a host scalar to the device)
+            self._evaluate(w.detach(), i, grid, (cursor + torch.arange(chunk, device=w.device)) % vals.shape[0])
             cursor.copy_((cursor + chunk) % vals.shape[0])
             bounds = vals.to(w.dtype) + slack.to(w.dtype)
             peak = bounds.argmax().reshape(1)  # index_select: a 0-d index tensor would be read on the host
@@ -264,8 +263,8 @@ class ConvNormalization(LipschitzNormalization):
         # state: drop the one and keep this module's own for the other. Still sound: the slacks
         # then grow by the drift from the kernel they were measured at to the loaded one.
         state_dict.pop(prefix + "_extra_state", None)
-        names = [n for n, _ in self.named_buffers(recurse=False) if n in self._buffers and n not in self._non_persistent_buffers_set]
-        stale = [n for n in names if prefix + n not in state_dict]
+        stale = [n for n, t in self._buffers.items()
+                 if t is not None and n not in self._non_persistent_buffers_set and prefix + n not in state_dict]
         for n in stale:
             state_dict[prefix + n] = getattr(self, n)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

@@ -80,7 +80,7 @@ def transfer_matrices(stacked: torch.Tensor, grid: Sequence[int], half: bool = T
     return spec.permute(0, *dims, 1, 2)
 
 
-def _half_spectrum(grid: Sequence[int]) -> torch.Tensor:
+def half_spectrum(grid: Sequence[int]) -> torch.Tensor:
     """Integer frequencies, one of each pair {f, -f mod n}: shape (F, d)."""
     axes = [torch.arange(n) for n in grid[:-1]] + [torch.arange(grid[-1] // 2 + 1)]
     return torch.cartesian_prod(*axes).reshape(-1, len(grid))
@@ -150,7 +150,7 @@ def max_transfer_norm(stacked: torch.Tensor, grid: Sequence[int]) -> float:
     side = "out" if co <= ci else "in"
     a = min(co, ci)
     offsets, corr = _autocorrelation(stacked, side)  # (D, d), (D, g, a, a)
-    freqs = _half_spectrum(grid).to(torch.float64)
+    freqs = half_spectrum(grid).to(torch.float64)
     scale = torch.tensor([2 * math.pi / n for n in grid], dtype=torch.float64)
     chunk = max(1, _FREQ_CHUNK_BYTES // (16 * g * a * a))
     slack = _rounding_slack(stacked, a, offsets.shape[0])

@@ -12,7 +12,10 @@ step counts):
 - :func:`block_at`: any blocks, rebuilt from the kernel for given (device) indices, with autograd;
 - :func:`block_power_steps`: warm power steps on many dense blocks at once;
 - :func:`tap_drift`: how far any block norm can move when the kernel changes (the slack of a
-  sweep); :func:`spectrum_blocks`: every block by ``rfftn`` (the reference the tests compare with).
+  sweep).
+
+Blocks are indexed group-major over the half spectrum (``Grid.frequencies``), as ``rfftn`` of
+the phase-stacked kernel lays them out (tests/reference.py: ``spectrum_blocks``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from .conv import zero_padded_grid
 from .geometry import ConvGeometry, padding_norm
-from .spectral import phase_stack, transfer_matrices
+from .spectral import half_spectrum
 
 
 class BlockGradient(NamedTuple):
@@ -45,6 +48,11 @@ class Grid(NamedTuple):
     sub: tuple[int, ...]  # the polyphase subgrid
     factor: float  # ||P|| of the padding operator (1 for zeros)
 
+    @property
+    def frequencies(self) -> tuple[int, ...]:
+        """The half spectrum's shape (one of each conjugate pair f, -f, as ``rfftn`` keeps)."""
+        return tuple(self.sub[:-1]) + (self.sub[-1] // 2 + 1,)
+
 
 def subgrid(geom: ConvGeometry, n: Sequence[int]) -> Grid:
     """The zero-padded geometry the bound is taken on, its polyphase subgrid, and ||P||.
@@ -62,21 +70,6 @@ def subgrid(geom: ConvGeometry, n: Sequence[int]) -> Grid:
     return Grid(geom, tuple(m // s for m, s in zip(grid, geom.stride)), factor)
 
 
-@torch.no_grad()
-def spectrum_blocks(grid: Grid) -> torch.Tensor:
-    """Every per-frequency block of the phase-stacked kernel, (groups * F, Cout_g, Cin_g * P)
-    complex, flattened group-major (the index :func:`block_at` takes). One of each conjugate
-    pair f, -f is kept: real kernels give them equal singular values."""
-    geom = grid.geometry
-    stacked = phase_stack(geom.dilated_weight(), geom.groups, geom.stride)
-    if any(k > m for k, m in zip(stacked.shape[3:], grid.sub)):
-        spec = transfer_matrices(stacked, grid.sub)  # taps wrap around the grid: (G, *F, co, ci)
-    else:  # zero padding never wraps: rfftn pads the kernel itself
-        spec = torch.fft.rfftn(stacked, s=grid.sub, dim=tuple(range(3, stacked.dim())))
-        spec = spec.movedim((1, 2), (-2, -1))
-    return spec.reshape(-1, *spec.shape[-2:])
-
-
 def tap_phases(geom: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     """Per tap of the (undilated) kernel, for p = dilation * t: its phase-tap position
     ``p // stride`` (taps, d) and its phase column ``p mod stride`` in :func:`phase_stack`'s order
@@ -90,27 +83,22 @@ def tap_phases(geom: ConvGeometry) -> tuple[torch.Tensor, torch.Tensor]:
 
 def block_at(weight: torch.Tensor, groups: int, grid: Grid, index: torch.Tensor,
              steps: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """Blocks ``index`` of :func:`spectrum_blocks` rebuilt from ``weight`` with autograd:
-    (*index.shape, Cout_g, Cin_g * P) complex.
+    """Blocks ``index`` (a device tensor of flat indices, group-major over ``grid.frequencies``)
+    built from ``weight`` with autograd: (*index.shape, Cout_g, Cin_g * P) complex.
 
-    Tap t contributes exp(-2 pi i f.(p // stride) / sub) to its phase's column. The phase is
-    reduced exactly in integers first (f.(p // stride) mod sub per dim), so the angle stays below
-    2 pi d whatever the dilation and the dtype (taps past the subgrid wrap for free). ``index``
-    holds flat block indices (group-major); ``steps`` and ``columns`` are :func:`tap_phases`,
-    on the weight's device.
+    Tap t contributes exp(-2 pi i f.(p // stride) / sub) to its phase's column, the phase reduced
+    exactly (:func:`phase_turns`; taps past the subgrid wrap for free). ``steps`` and ``columns``
+    are :func:`tap_phases`, on the weight's device.
     """
-    shape = tuple(grid.sub[:-1]) + (grid.sub[-1] // 2 + 1,)
+    shape = grid.frequencies
     flat = index.reshape(-1)
     rest = flat % math.prod(shape)
     freq = []
     for size in reversed(shape):  # unravel on the device (torch.unravel_index copies from the host)
         freq.append(rest % size)
         rest = rest // size
-    freq = torch.stack(freq[::-1], -1)  # (n, d)
-    turns = torch.zeros((), dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32, device=weight.device)
-    for d, m in enumerate(grid.sub):
-        turns = turns + ((freq[:, None, d] * steps[None, :, d]) % m).to(turns.dtype) / m  # (n, taps)
-    angle = turns * (-2 * math.pi)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    angle = phase_turns(torch.stack(freq[::-1], -1), steps, grid.sub, dtype) * (-2 * math.pi)  # (n, taps)
     n, taps, phases = flat.shape[0], steps.shape[0], math.prod(grid.geometry.stride)
     m = weight.new_zeros(n, taps, phases, 2)
     rows = torch.arange(taps, device=weight.device)
@@ -125,6 +113,16 @@ def block_at(weight: torch.Tensor, groups: int, grid: Grid, index: torch.Tensor,
     return blocks.reshape(*index.shape, cout_g, cin_g * phases)
 
 
+def phase_turns(freqs: torch.Tensor, steps: torch.Tensor, sub: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """f.d / sub in turns for every pair of integer frequencies (n, dims) and offsets (t, dims):
+    (n, t), each term reduced mod sub in integers first, so the value stays below ``dims``
+    whatever the offsets (float32 angles of taps far apart would otherwise lose digits)."""
+    turns = torch.zeros((), dtype=dtype, device=freqs.device)
+    for d, m in enumerate(sub):
+        turns = turns + ((freqs[:, None, d] * steps[None, :, d]) % m).to(dtype) / m
+    return turns
+
+
 def tap_drift(change: torch.Tensor, groups: int) -> torch.Tensor:
     """Upper bound on how much any per-frequency block norm can move when the kernel changes by
     ``change``: max over groups of sum over taps of ||change_t||_F (a 0-d tensor).
@@ -136,7 +134,7 @@ def tap_drift(change: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.linalg.vector_norm(c, dim=1).sum(1).amax()
 
 
-def row_spectrum_basis(geom: ConvGeometry, sub: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def row_spectrum_basis(grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Host-side constants for :func:`row_spectrum`: (pairs (taps^2, D), cosines (D, F)), float64.
 
     For a block with one row (or one column), ||A(f)||^2 = sum over rows r and phases q of
@@ -145,8 +143,8 @@ def row_spectrum_basis(geom: ConvGeometry, sub: Sequence[int]) -> tuple[torch.Te
     offset d = (p_t - p_t') // stride (and d, -d give the same cosine), so O is summed per offset
     up to sign (``pairs``) and the spectrum is one matmul with cos(2 pi f.d / sub) over the D offsets.
     """
-    steps, columns = tap_phases(geom)
-    diff = (steps[:, None, :] - steps[None, :, :]).reshape(-1, geom.ndim)
+    steps, columns = tap_phases(grid.geometry)
+    diff = (steps[:, None, :] - steps[None, :, :]).reshape(-1, steps.shape[1])
     # d and -d have the same cosine and O is symmetric: keep one of each pair (about half the table)
     first = diff[torch.arange(diff.shape[0]), (diff != 0).to(torch.int8).argmax(1)]
     diff = torch.where((first < 0)[:, None], -diff, diff)
@@ -154,16 +152,13 @@ def row_spectrum_basis(geom: ConvGeometry, sub: Sequence[int]) -> tuple[torch.Te
     offsets, index = torch.unique(diff, dim=0, return_inverse=True)
     pairs = torch.zeros(diff.shape[0], offsets.shape[0], dtype=torch.float64)
     pairs[torch.arange(diff.shape[0]), index] = same.to(torch.float64)
-    axes = [torch.arange(m) for m in sub[:-1]] + [torch.arange(sub[-1] // 2 + 1)]
-    freqs = torch.cartesian_prod(*axes).reshape(-1, len(sub))
-    # exact integer phase reduction, as in block_at
-    turns = sum(((offsets[:, None, d] * freqs[None, :, d]) % m).to(torch.float64) / m for d, m in enumerate(sub))
-    return pairs, torch.cos(-2 * math.pi * turns)
+    turns = phase_turns(half_spectrum(grid.sub), offsets, grid.sub, torch.float64)  # (F, D)
+    return pairs, torch.cos(-2 * math.pi * turns.T)
 
 
 def row_spectrum(weight: torch.Tensor, groups: int, pairs: torch.Tensor, cosines: torch.Tensor) -> torch.Tensor:
-    """||A(f)||^2 of every one-row/one-column block, (groups * F,) in :func:`spectrum_blocks`'s
-    order, by two matmuls (no FFT; see :func:`row_spectrum_basis`)."""
+    """||A(f)||^2 of every one-row/one-column block, (groups * F,) in :func:`block_at`'s order,
+    by two matmuls (no FFT; see :func:`row_spectrum_basis`)."""
     w = weight.reshape(groups, -1, math.prod(weight.shape[2:]))
     gram = (w.mT @ w).reshape(groups, -1)  # (G, taps^2)
     return ((gram @ pairs) @ cosines).reshape(-1)
@@ -173,10 +168,11 @@ ROW_BASIS_LIMIT = 1 << 22  # cosine-table entries per input size beyond which th
 SWEEP_BUDGET = 1 << 19  # elements a swept conv's per-step block evaluation may allocate
 
 
-def row_basis_size(geom: ConvGeometry, sub: Sequence[int]) -> int:
+def row_basis_size(grid: Grid) -> int:
     """Entries of :func:`row_spectrum_basis`'s cosine table: offsets (at most) x frequencies."""
+    geom = grid.geometry
     kq = [math.ceil((d * (k - 1) + 1) / s) for k, d, s in zip(geom.kernel_size, geom.dilation, geom.stride)]
-    return (math.prod(2 * k - 1 for k in kq) + 1) // 2 * math.prod(sub[:-1]) * (sub[-1] // 2 + 1)
+    return (math.prod(2 * k - 1 for k in kq) + 1) // 2 * math.prod(grid.frequencies)
 
 
 @torch.no_grad()

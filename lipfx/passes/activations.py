@@ -47,13 +47,13 @@ def replace_activations(gm: fx.GraphModule, activation: str, report: Optional[Co
         gm.add_submodule(name, make())
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, (source,))
+        new.meta = dict(node.meta)  # same shape: the shapes convert recorded stay true
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         if report is not None:
             report.add(label, f"activation-{activation}", f"{label} -> {make.__name__}")
         count += 1
-    gm.graph.eliminate_dead_code()
-    _drop_unused_modules(gm)
+    gm.delete_all_unused_submodules()  # the replaced activation modules
     gm.graph.lint()
     gm.recompile()
     return count
@@ -80,14 +80,4 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
     while hasattr(gm, name):
         name, i = f"{base}_{i}", i + 1
     return name
-
-
-def _drop_unused_modules(gm: fx.GraphModule) -> None:
-    """Remove the replaced activation modules that no node calls any more."""
-    used = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    for name, module in list(gm.named_modules()):
-        if name and isinstance(module, RELU_LIKE_MODULES) and name not in used:
-            parent, _, child = name.rpartition(".")
-            delattr(gm.get_submodule(parent) if parent else gm, child)
-
 
