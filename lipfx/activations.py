@@ -9,6 +9,8 @@ puts them in place of ReLU-like activations.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -63,4 +65,66 @@ class Abs(nn.Module):
         return x.abs()
 
 
-GNP_ACTIVATIONS = {"maxmin": MaxMin, "groupsort": GroupSort, "abs": Abs}
+class BetaAbs(nn.Module):
+    """|x| on the first ``round(beta * C)`` channels along ``dim``, identity on the rest
+    (LipNeXt's beta-Abs): a diagonal of signs, 1-Lipschitz, GNP. ``beta=1`` is :class:`Abs`."""
+
+    def __init__(self, beta: float = 0.5, dim: int = 1) -> None:
+        super().__init__()
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+            raise ArgumentError(f"BetaAbs beta must be a number in [0, 1], got {beta!r}")
+        self.beta, self.dim = float(beta), dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[self.dim]
+        k = round(self.beta * n)
+        return torch.cat((x.narrow(self.dim, 0, k).abs(), x.narrow(self.dim, k, n - k)), self.dim)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta:g}, dim={self.dim}"
+
+
+class Householder(nn.Module):
+    """Channels split in halves a, b along ``dim``; each pair z = (a_c, b_c) is kept when
+    <v_c, z> > 0 and reflected through the line v_c^T z = 0 otherwise, v_c = (cos t_c, sin t_c)
+    learnable (Singla et al. 2022). Continuous (the reflection fixes that line), piecewise
+    orthogonal: 1-Lipschitz, GNP. ``t = -pi/4`` (the initial value) is :class:`MaxMin`. ``channels``
+    is the size of ``dim``; an odd last channel passes through."""
+
+    def __init__(self, channels: int, dim: int = 1) -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
+            raise ArgumentError(f"Householder channels must be an int >= 2, got {channels!r}")
+        self.channels, self.dim = channels, dim
+        self.theta = nn.Parameter(torch.full((channels // 2,), -math.pi / 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[self.dim] != self.channels:
+            raise ArgumentError(f"Householder({self.channels}) got {x.shape[self.dim]} channels along dim {self.dim}")
+        half = self.channels // 2
+        # in float32 or wider: a unit vector rounded to bf16 would reflect by up to 1 + 2^-7
+        wide = torch.promote_types(x.dtype, torch.float32)
+        a, b = x.narrow(self.dim, 0, half).to(wide), x.narrow(self.dim, half, half).to(wide)
+        shape = [1] * x.dim()
+        shape[self.dim] = half
+        theta = self.theta.to(torch.promote_types(wide, self.theta.dtype)).reshape(shape)
+        c, s = torch.cos(theta).to(wide), torch.sin(theta).to(wide)
+        dot = c * a + s * b
+        keep = dot > 0
+        a = torch.where(keep, a, a - 2 * dot * c)
+        b = torch.where(keep, b, b - 2 * dot * s)
+        rest = x.narrow(self.dim, 2 * half, self.channels - 2 * half)
+        return torch.cat((a.to(x.dtype), b.to(x.dtype), rest), self.dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, dim={self.dim}"
+
+
+# the activations convert(activation=...) can put in place of ReLU-like ones: name -> (channels -> module)
+GNP_ACTIVATIONS = {
+    "maxmin": lambda channels: MaxMin(),
+    "groupsort": lambda channels: GroupSort(),
+    "abs": lambda channels: Abs(),
+    "beta-abs": lambda channels: BetaAbs(),
+    "householder": lambda channels: Householder(channels),
+}

@@ -13,8 +13,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .budget import fit_budget, fit_constants
 from .errors import ArgumentError, ShapeError
 from .normalization import KSpec, normalize as register_normalization
-from .normalization.options import POWER_ITERS, warn_retired
-from .passes import ConversionReport, fold_batchnorm, remove_batchnorm, replace_activations, rewrite_separable
+from .normalization.options import CONSTRAINTS, POWER_ITERS, warn_retired
+from .passes import (ConversionReport, fold_batchnorm, remove_batchnorm, replace_activations, replace_global_pooling,
+                     rewrite_separable)
+from .passes.last_layer import LAST_LAYERS, normalize_last_layer
+from .passes.pooling import POOLINGS
+from .passes.spatial import SPATIAL, replace_depthwise
 from .tracing import Inputs, as_tuple, check_inputs, check_model, eval_mode, trace, wrap_torch_layer
 
 BN_MODES = ("fold", "remove")
@@ -36,6 +40,10 @@ def convert(
     leaf_modules: Iterable[str] = (),
     lipschitz: Optional[float] = None,
     activation: Optional[str] = None,
+    constraint: str = "spectral",
+    spatial: Optional[str] = None,
+    pooling: Optional[str] = None,
+    last_layer: Optional[str] = None,
     eps: Optional[float] = None,
     refresh: Optional[float] = None,
 ) -> fx.GraphModule:
@@ -76,7 +84,23 @@ def convert(
         activation: ``"maxmin"``, ``"groupsort"`` or ``"abs"`` replaces every ReLU-like
             activation (ReLU, ReLU6, LeakyReLU, PReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish;
             modules and functional calls) by that gradient-norm-preserving one
-            (:mod:`lipfx.activations`); ``None`` keeps them. Changes the function, like ``bn="remove"``.
+            (:mod:`lipfx.activations`); ``"beta-abs"`` and ``"householder"`` (learnable angles, one
+            per channel pair) too. ``None`` keeps them. Changes the function, like ``bn="remove"``.
+        constraint: what pointwise (1x1) convs and linear layers are held to with ``normalize``:
+            ``"spectral"`` (norm K), ``"orthogonal"`` (K times a (semi-)orthogonal matrix, every
+            singular value K; the weight starts at its nearest one) or ``"aol"`` (AOL rescaling,
+            norm <= K). Spatial convs are spectrally normalized (norm K) in every case. For a
+            gradient-norm-preserving network, combine ``"orthogonal"`` with ``activation``,
+            ``pooling="l2"`` and ``last_layer="unit-rows"``.
+        spatial: ``"shift"`` replaces every depthwise conv with channel multiplier 1 (all of them
+            with ``separable="fresh"``) by a parameter-free :class:`lipfx.layers.Shift`, the only
+            norm-preserving depthwise conv; with ``constraint="orthogonal"`` that is LipNeXt's
+            family. ``None`` keeps (and spectrally normalizes) them.
+        pooling: ``"l2"`` replaces global average pooling (over all spatial dims) by
+            :class:`lipfx.layers.L2Pool`, which keeps the norm; ``None`` keeps it.
+        last_layer: ``"unit-rows"`` gives the final ``nn.Linear`` (the one whose output the model
+            returns) rows of norm 1 (:class:`lipfx.normalization.rows.UnitRows`) and leaves it out
+            of the K normalization; pairwise radii (:mod:`lipfx.robust`) use its row differences.
         eps, refresh: retired; ignored, with a warning (see :func:`lipfx.normalize`).
 
     Returns:
@@ -89,6 +113,14 @@ def convert(
     check_inputs(example_inputs)
     if bn not in BN_MODES + (None,):
         raise ArgumentError(f"unknown bn mode {bn!r}; choose from {BN_MODES} or None")
+    if constraint not in CONSTRAINTS:  # checked before the (slow) passes run
+        raise ArgumentError(f"unknown constraint {constraint!r}; choose from {CONSTRAINTS}")
+    if spatial not in SPATIAL + (None,):
+        raise ArgumentError(f"unknown spatial {spatial!r}; choose from {SPATIAL} or None")
+    if pooling not in POOLINGS + (None,):
+        raise ArgumentError(f"unknown pooling {pooling!r}; choose from {POOLINGS} or None")
+    if last_layer not in LAST_LAYERS + (None,):
+        raise ArgumentError(f"unknown last_layer {last_layer!r}; choose from {LAST_LAYERS} or None")
     work = copy.deepcopy(model)
     work = wrap_torch_layer(work)
     gm = trace(work, leaf_modules)
@@ -100,14 +132,20 @@ def convert(
         remove_batchnorm(gm, report)
     if separable is not None:
         rewrite_separable(gm, separable, rank, report)
+    if spatial is not None:
+        replace_depthwise(gm, spatial, report)
     if activation is not None:
         replace_activations(gm, activation, report)
+    if pooling is not None:
+        replace_global_pooling(gm, pooling, report)
     gm.graph.lint()
     gm.recompile()
     _propagate_shapes(gm, example_inputs, work)
+    exclude = () if last_layer is None else (normalize_last_layer(gm, last_layer, report),)
     if normalize:
         register_normalization(gm, K, scaling=scaling, s_init=s_init, power_iters=power_iters,
-                               batched=batched, report=report)
+                               batched=batched, constraint=constraint,
+                               exclude=exclude, report=report)
     if lipschitz is not None:
         fit = fit_constants if normalize else fit_budget
         gm.lipfx_certificate = fit(gm, lipschitz, example_inputs, report)

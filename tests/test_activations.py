@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import lipfx
-from lipfx.activations import Abs, GroupSort, MaxMin
+from lipfx.activations import Abs, BetaAbs, GroupSort, Householder, MaxMin
 
-GNP = [MaxMin(), MaxMin(dim=-1), GroupSort(2), GroupSort(3), GroupSort(4, dim=-1), Abs()]
+GNP = [MaxMin(), MaxMin(dim=-1), GroupSort(2), GroupSort(3), GroupSort(4, dim=-1), Abs(), BetaAbs(), BetaAbs(0.3, dim=-1)]
 
 
 def _fd_jacobian(f, x: torch.Tensor, h: float = 1e-7) -> torch.Tensor:
@@ -35,6 +35,44 @@ def test_jacobian_is_orthogonal_almost_everywhere(act):
         assert float((act(x) - act(y)).norm()) <= float((x - y).norm()) * (1 + 1e-12)
     relu = _fd_jacobian(torch.relu, x)
     assert float(torch.linalg.svdvals(relu).min()) == 0.0  # what GNP avoids
+
+
+@pytest.mark.parametrize("channels", [6, 7])
+def test_householder_is_orthogonal_almost_everywhere_and_starts_as_maxmin(channels):
+    g = torch.Generator().manual_seed(2)
+    act = Householder(channels).double()
+    x = torch.randn(1, channels, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(act(x), MaxMin()(x), rtol=0, atol=1e-6)  # t = -pi/4 (rounded to float32)
+    act.theta.data = torch.rand(channels // 2, generator=g, dtype=torch.float64) * 6.3 - 3.15
+    s = torch.linalg.svdvals(_fd_jacobian(act, x))
+    torch.testing.assert_close(s, torch.ones_like(s), rtol=0, atol=1e-6)
+    for _ in range(20):  # secants across the reflection lines: continuity makes them <= 1
+        y = x + torch.randn(x.shape, generator=g, dtype=torch.float64)
+        assert float((act(x) - act(y)).norm()) <= float((x - y).norm()) * (1 + 1e-12)
+    # bf16 inputs: the reflection is computed in float32, so rounding is the only error
+    xb = x.float().bfloat16()
+    torch.testing.assert_close(act.float()(xb).float(), act.float()(xb.float()), rtol=1e-2, atol=1e-2)
+    with pytest.raises(lipfx.ArgumentError, match="channels"):
+        act(torch.randn(1, channels + 2, 3, dtype=torch.float64))
+
+
+def test_beta_abs_values():
+    x = torch.randn(2, 10, 3)
+    out = BetaAbs(0.3)(x)
+    torch.testing.assert_close(out[:, :3], x[:, :3].abs())
+    torch.testing.assert_close(out[:, 3:], x[:, 3:])
+    with pytest.raises(lipfx.ArgumentError, match="beta"):
+        BetaAbs(1.5)
+
+
+def test_convert_with_householder_learns_its_angles():
+    net = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 3))
+    x = torch.randn(4, 2, 4, 4)
+    gm = lipfx.convert(net, x[:1], activation="householder")
+    acts = [m for m in gm.modules() if isinstance(m, Householder)]
+    assert len(acts) == 1 and acts[0].theta.shape == (3,)
+    gm(x).square().sum().backward()
+    assert acts[0].theta.grad is not None and float(acts[0].theta.grad.abs().sum()) > 0
 
 
 def test_values_against_plain_sorting():

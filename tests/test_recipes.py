@@ -39,6 +39,25 @@ def test_certified_classifier_recipe(tmp_path):
 
 
 @pytest.mark.slow
+def test_certified_cifar10_recipe_on_the_synthetic_stand_in(tmp_path):
+    plot = tmp_path / "cifar.png"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "certified_cifar10.py"), "--data", "synthetic", "--epochs", "6",
+         "--width", "8", "--depth", "1", "--batch", "64", "--lr", "1e-2", "--plot", str(plot)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    for eps in ("0.1412", "0.2824", "0.4235"):  # 36/255, 72/255, 108/255
+        assert f"certified @ eps={eps}" in out
+    bound = float(out.split("certificate:")[1].split()[0])
+    assert 0 < bound < math.inf
+    clean = float(out.split("clean accuracy")[1].split("%")[0]) / 100
+    assert clean > 0.15, out  # it learns (10 classes: chance is 0.10; measured 0.25)
+    check_plot(plot, out)
+
+
+@pytest.mark.slow
 def test_iresnet_flow_2d_recipe(tmp_path):
     plot = tmp_path / "flow.png"
     res = subprocess.run(

@@ -205,8 +205,14 @@ def _compose_bounds(g: _Graph, n: fx.Node, rec: NodeRecord, form: Optional[Form]
             if isinstance(g.shapes.get(source), torch.Size) and isinstance(g.shapes.get(n), torch.Size) and (
                 numel(g.shapes[source]) * numel(g.shapes[n]) <= g.dense_max
             ):
-                b = region_norm(g.gm, source, nodes, g.constants, g.shapes[source])
-                candidates.append((_times(b, bound[source]), b, source, (), False, f"dense region of {len(nodes)} ops"))
+                try:
+                    b = region_norm(g.gm, source, nodes, g.constants, g.shapes[source])
+                except (RuntimeError, TypeError):
+                    # a module that cannot run in float64 (a parametrization pinned to float32):
+                    # no dense tightening here, the chain rule's bound stands
+                    b = None
+                if b is not None:
+                    candidates.append((_times(b, bound[source]), b, source, (), False, f"dense region of {len(nodes)} ops"))
     if not candidates:
         return rec.bound
     best = min(candidates, key=lambda c: c[0])

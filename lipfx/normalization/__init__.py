@@ -7,6 +7,8 @@ Each conv, linear and :class:`~lipfx.layers.ChannelAffine` of a converted networ
 - :mod:`.rescale`: the autograd function that applies the bound's closed-form gradient;
 - :mod:`.base`: the parametrization shared by every layer kind (training and eval paths);
 - :mod:`.layers`: the layer kinds (power iteration, the FFT spectrum, max|scale|);
+- :mod:`.orthogonal`: AOL and (semi-)orthogonal pointwise/linear layers (``constraint=``);
+- :mod:`.rows`: unit-norm rows for a last layer (``last_layer="unit-rows"``);
 - :mod:`.constants`: K as a float, name patterns or a callable; ``set_constants``;
 - :mod:`.batching`: every weight computed together when a training forward starts;
 - the pass that registers them is :func:`lipfx.passes.normalize`.
@@ -16,12 +18,15 @@ from .base import SCALINGS, LipschitzNormalization
 from .batching import disable_batching, enable_batching, is_batched
 from .constants import KSpec, normalized_layers, power_residuals, resolve_K, set_constants
 from .layers import ConvNormalization, DiagonalNormalization, MatrixNormalization
-from .options import NormOptions
+from .options import CONSTRAINTS, NormOptions
+from .orthogonal import AOLNormalization, OrthogonalNormalization
+from .rows import UnitRows
 from .rescale import TrainBound
 from ..passes.normalize import normalize
 
 __all__ = [
     "normalize", "normalized_layers", "power_residuals", "set_constants", "resolve_K", "KSpec", "NormOptions", "SCALINGS",
     "LipschitzNormalization", "MatrixNormalization", "ConvNormalization", "DiagonalNormalization",
+    "AOLNormalization", "OrthogonalNormalization", "UnitRows", "CONSTRAINTS",
     "TrainBound", "enable_batching", "disable_batching", "is_batched",
 ]

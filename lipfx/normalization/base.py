@@ -45,7 +45,7 @@ class LipschitzNormalization(nn.Module):
         self._cache_weight_key: Optional[tuple] = None
         self._cache_weight: Optional[torch.Tensor] = None
         self._cache_factor = 0.0
-        self._cache_source: Optional[torch.Tensor] = None  # the weight the factor was computed for
+        self._cache_source: Optional[tuple] = None  # the weight (and transform state) the factor was computed for
         self._generation = 0
         self._prepared: Optional[tuple] = None  # this forward's weight, see _prepare_hook
         # relative residual ||A^T A v - sigma^2 v|| / sigma^2 of the last training step's power
@@ -67,6 +67,16 @@ class LipschitzNormalization(nn.Module):
         """c with ||op(E)|| <= c * u * ||op(W)|| for an entrywise relative error u in W."""
         return 1.0
 
+    def transform(self, weight: torch.Tensor) -> torch.Tensor:
+        """A differentiable map applied to the raw weight before it is bounded and rescaled
+        (identity here; the orthogonal kinds orthogonalize). Bounds see its output."""
+        return weight
+
+    def transform_state(self) -> tuple:
+        """Tensors besides the weight that :meth:`transform` reads: eval mode's cached factor is
+        recomputed when any of them changes value."""
+        return ()
+
     # -- the parametrization -----------------------------------------------------------------
     def scale(self) -> torch.Tensor:
         """The layer's constant: K (hard) or K * tanh(s) (soft)."""
@@ -87,9 +97,10 @@ class LipschitzNormalization(nn.Module):
         needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (self.s is not None and self.s.requires_grad))
         if needs_grad:
             # The exact bound is a constant here: gradients reach W (and s), not through the bound.
-            return weight * (self.scale().to(weight.dtype) * factor)
+            return self.transform(weight) * (self.scale().to(weight.dtype) * factor)
         if self._cache_weight is None or self._cache_weight_key != self._cache_key:
-            self._cache_weight = weight.detach() * (float(self.scale()) * factor)
+            with torch.no_grad():
+                self._cache_weight = self.transform(weight.detach()) * (float(self.scale()) * factor)
             self._cache_weight_key = self._cache_key
         return self._cache_weight
 
@@ -99,6 +110,7 @@ class LipschitzNormalization(nn.Module):
         scale = self.scale()
         needs_grad = torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)
         with _autocast_off(weight.device.type):  # bounds in float32 or wider, whatever autocast says
+            weight = self.transform(weight)
             live = self.differentiable_bound and needs_grad
             bound = self.train_bound(weight if live else weight.detach(), gradient=needs_grad)
             value = bound.value.clamp_min(torch.finfo(bound.value.dtype).tiny)
@@ -118,13 +130,17 @@ class LipschitzNormalization(nn.Module):
                None if self.s is None else float(self.s.detach()))
         # the version counter misses writes through .data (EMA updates, some loaders): compare
         # the values too, so the cache can never outlive the weight it was computed for
-        if self._cache_key is None or key != self._cache_key[:-1] or not torch.equal(weight, self._cache_source):
+        inputs = (weight,) + self.transform_state()
+        if (self._cache_key is None or key != self._cache_key[:-1] or len(inputs) != len(self._cache_source)
+                or not all(torch.equal(a, b) for a, b in zip(inputs, self._cache_source))):
             u = torch.finfo(weight.dtype).eps / 2
-            delta = 4 * u * (self.rounding_terms(weight) + 1)
-            bound = self.exact_bound(weight.detach())
+            with torch.no_grad():
+                mapped = self.transform(weight.detach())
+            delta = 4 * u * (self.rounding_terms(mapped) + 1)
+            bound = self.exact_bound(mapped)
             # a zero operator stays zero (and 0 * 1/tiny would be 0 * inf = nan in float32)
             self._cache_factor = 1.0 / (bound * (1 + delta)) if bound > 0 else 0.0
-            self._cache_source = weight.detach().clone()
+            self._cache_source = tuple(t.detach().clone() for t in inputs)
             self._generation += 1
             self._cache_key = key + (self._generation,)
         return self._cache_factor
@@ -136,7 +152,9 @@ class LipschitzNormalization(nn.Module):
         self._prepared = None
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("_cache_source", None)  # pickles from before the value check
+        source = state.get("_cache_source")
+        # pickles from before the value check (None) or from when it held the weight alone
+        state["_cache_source"] = (source,) if isinstance(source, torch.Tensor) else source
         state.setdefault("_generation", 0)
         super().__setstate__(state)
 

@@ -10,21 +10,26 @@ from ..errors import ArgumentError
 from .base import SCALINGS
 
 POWER_ITERS = 2  # power steps per training step (warm-started: the weights move little per step)
+# what pointwise (1x1) convs and linear layers are held to (spatial convs are always "spectral")
+CONSTRAINTS = ("spectral", "aol", "orthogonal")
 
 
 @dataclass(frozen=True)
 class NormOptions:
-    """``scaling`` ('hard' or 'soft'), ``s_init`` (soft scaling's initial s) and ``power_iters``
-    (power steps per training step for pointwise/linear layers and full convs); see
-    :func:`lipfx.normalize`."""
+    """``scaling`` ('hard' or 'soft'), ``s_init`` (soft scaling's initial s), ``power_iters``
+    (power steps per training step for pointwise/linear layers and full convs) and ``constraint``
+    (one of :data:`CONSTRAINTS`, for pointwise/linear layers); see :func:`lipfx.normalize`."""
 
     scaling: str = "hard"
     s_init: float = 3.0
     power_iters: int = POWER_ITERS
+    constraint: str = "spectral"
 
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
             raise ArgumentError(f"unknown scaling {self.scaling!r}; choose from {SCALINGS}")
+        if self.constraint not in CONSTRAINTS:
+            raise ArgumentError(f"unknown constraint {self.constraint!r}; choose from {CONSTRAINTS}")
         check_power_iters(self.power_iters)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..activations import Abs, GroupSort, MaxMin
+from ..activations import Abs, BetaAbs, GroupSort, Householder, MaxMin
 from .context import NodeContext, Step, Unbounded, broadcast_factor, constant
 from .fuzzing import FuzzCase, apply, randn, unary
 from .table import OpEntry, key_name, table
@@ -165,9 +165,16 @@ def _fixed(keys: tuple, value: float, method: str, fuzz=_wide) -> OpEntry:
 
 def _gnp_cases(key, g: torch.Generator) -> list[FuzzCase]:
     # odd channel counts (a passed-through remainder) and ties broken both ways
+    if key is Householder:  # angles spread over the circle, so both sides of each line are hit
+        made = [Householder(8).double(), Householder(5).double()]
+        for m in made:
+            m.theta.data = torch.rand(m.theta.shape, generator=g, dtype=torch.float64) * 6.3 - 3.15
+        return [FuzzCase(m, (randn((3, m.channels, 2), g, 2.0),), f"{m!r}") for m in made]
     made = [key()] if key is Abs else [key(), key(dim=-1)]
     if key is GroupSort:
         made.append(GroupSort(3))
+    if key is BetaAbs:
+        made += [BetaAbs(0.3), BetaAbs(1.0, dim=-1)]
     shapes = ((3, 8), (2, 5, 4, 3), (2, 6, 3))
     return [FuzzCase(m, (randn(s, g, 2.0),), f"{m!r} at {s}") for m in made for s in shapes]
 
@@ -196,7 +203,7 @@ ENTRIES = (
     OpEntry((nn.PReLU,), _prelu_rule, _prelu_cases, size_free=True, doc="max(1, max|slope|)"),
     OpEntry((nn.LogSoftmax, F.log_softmax, torch.log_softmax, "log_softmax"), _log_softmax_rule,
             _log_softmax_cases, doc="sqrt(n)"),
-    OpEntry((MaxMin, GroupSort, Abs), constant(1.0, "GNP activation: piecewise a permutation (or signs), 1-Lipschitz"),
+    OpEntry((MaxMin, GroupSort, Abs, BetaAbs, Householder), constant(1.0, "GNP activation: piecewise a permutation (or signs), 1-Lipschitz"),
             _gnp_cases, size_free=True, leaf=True, doc="1 (gradient-norm-preserving)"),
 )
 for _entry in ENTRIES:

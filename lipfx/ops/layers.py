@@ -14,14 +14,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..certify.linear_chains import LinearMap, compose, diagonal
-from ..layers import ChannelAffine, SeparableConv
+from ..layers import ChannelAffine, SeparableConv, Shift
 from ..normalization.layers import ConvNormalization, DiagonalNormalization, MatrixNormalization
 from ..normalization.options import NormOptions
+from ..normalization.orthogonal import AOLNormalization, OrthogonalNormalization
 from ..norms import conv_layer_bound, linear_layer_bound
-from ..norms.geometry import conv_geometry
+from ..norms.geometry import ConvGeometry, conv_geometry
 from ..passes.batchnorm import eval_scale
 from .bounds import layer_bound
-from .context import NodeContext, Step, Unbounded, max_abs
+from .context import NodeContext, Step, Unbounded, constant, max_abs
 from .fuzzing import FuzzCase, apply, randn
 from .table import OpEntry, table
 
@@ -53,14 +54,20 @@ def _linear_map(module: nn.Linear, name: str, in_shape: torch.Size) -> Optional[
     return LinearMap(module.weight.detach().double(), 1, (), (), (name,), 1)
 
 
-def _normalize_matrix(module: nn.Linear, shapes: list, k: float, o: NormOptions, name: str):
-    return MatrixNormalization(module.weight, 1, k, o.scaling, o.s_init, o.power_iters, name=name)
+def _normalize_matrix(module: nn.Module, shapes: list, k: float, o: NormOptions, name: str, groups: int = 1):
+    """A linear layer or unpadded 1x1 conv: held to ``o.constraint``."""
+    if o.constraint == "orthogonal":
+        return OrthogonalNormalization(module.weight, groups, k, o.scaling, o.s_init, name=name)
+    if o.constraint == "aol":
+        return AOLNormalization(module.weight, groups, k, o.scaling, o.s_init, name=name)
+    return MatrixNormalization(module.weight, groups, k, o.scaling, o.s_init, o.power_iters, name=name)
 
 
 def _normalize_conv(module: nn.Module, shapes: list, k: float, o: NormOptions, name: str):
     geom = conv_geometry(module, name)
     if geom.is_pointwise and all(lo == hi == 0 for lo, hi in geom.pads):
-        return MatrixNormalization(module.weight, module.groups, k, o.scaling, o.s_init, o.power_iters, name=name)
+        return _normalize_matrix(module, shapes, k, o, name, module.groups)
+    # spatial convs are spectrally normalized whatever the constraint (docs/math.md, 15)
     return ConvNormalization(module, [s[1:] for s in shapes], k, o.scaling, o.s_init, name, o.power_iters)
 
 
@@ -171,6 +178,28 @@ def _fuzz_batchnorm_function(key, g: torch.Generator) -> list[FuzzCase]:
                      "F.batch_norm with running statistics")]
 
 
+# --- Shift: a depthwise conv with fixed one-hot kernels ----------------------------------------
+def _shift_geometry(module: Shift) -> ConvGeometry:
+    return ConvGeometry(module.weight.detach(), module.channels, module.stride, module.dilation,
+                        tuple((p, p) for p in module.padding), "zeros")
+
+
+def _shift_map(module: Shift, name: str, in_shape: torch.Size) -> Optional[LinearMap]:
+    geom = _shift_geometry(module)
+    if geom.ndim != len(in_shape) - 2:
+        return None
+    return LinearMap(geom.dilated_weight().double(), geom.groups, geom.stride, geom.pads, (name,), 1)
+
+
+def _fuzz_shift(key: type, g: torch.Generator) -> list[FuzzCase]:
+    cases = []
+    for size, kernel, stride, pad in (((6, 5), (3, 3), (1, 1), (1, 1)), ((7, 6), (3, 3), (2, 2), (1, 1)),
+                                      ((9,), (5,), (1,), (2,)), ((3, 4, 3), (3, 3, 3), (1, 1, 1), (1, 1, 1))):
+        module = Shift(11, kernel, stride, pad, bias=torch.randn(11, generator=g)).double()
+        cases.append(FuzzCase(module, (randn((2, 11) + size, g),), f"{module!r}"))
+    return cases
+
+
 ENTRIES = (
     OpEntry((nn.Linear,), _weighted_rule, _fuzz_linear, linear_map=_linear_map, layer_bound=linear_layer_bound,
             normalization=_normalize_matrix, size_free=True, doc="exact SVD; normalized by power iteration"),
@@ -181,6 +210,8 @@ ENTRIES = (
             layer_bound=_affine_bound, attribute="scale",
             normalization=lambda m, shapes, k, o, name: DiagonalNormalization(k, o.scaling, o.s_init, name),
             size_free=True, doc="max|scale|"),
+    OpEntry((Shift,), constant(1.0, "shift: a one-hot depthwise conv, each input read at most once"), _fuzz_shift,
+            linear_map=_shift_map, size_free=True, leaf=True, doc="1 (an isometry away from the border)"),
     OpEntry((_BatchNorm,), _batchnorm_rule, _fuzz_batchnorm, linear_map=_batchnorm_map,
             size_free=True, doc="eval mode: max|gamma / sqrt(var + eps)|"),
     OpEntry((F.batch_norm,), _batchnorm_function_rule, _fuzz_batchnorm_function, doc="running statistics only"),

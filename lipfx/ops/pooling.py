@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import L2Pool
 from ..norms.conv import matrix_norm
-from .context import NodeContext, Step, Unbounded, as_tuple
+from .context import NodeContext, Step, Unbounded, as_tuple, constant
 from .fuzzing import FuzzCase, apply, randn
 from .table import OpEntry, table
 
@@ -154,6 +155,15 @@ def _pool_cases(*calls: tuple[tuple, dict]) -> Callable:
     return gen
 
 
+def _l2_pool_cases(key, g: torch.Generator) -> list[FuzzCase]:
+    # small spatial sizes, every other channel near zero (the norm's kink), keepdim both ways
+    cases = []
+    for shape in ((2, 3, 5), (2, 4, 3, 2), (3, 2, 2, 2, 2)):
+        spread = torch.tensor([1.0, 1e-3] * 2, dtype=torch.float64)[: shape[1]].reshape(1, -1, *[1] * (len(shape) - 2))
+        cases += [FuzzCase(L2Pool(keep), (randn(shape, g) * spread,), f"keepdim={keep} at {shape}") for keep in (True, False)]
+    return cases
+
+
 ENTRIES = (
     OpEntry(_MAX, _max_rule, _pool_cases(((3,), {}), ((3,), dict(stride=1, padding=1)), ((2,), dict(stride=1, dilation=2))),
             doc="sqrt(most windows per input)"),
@@ -163,6 +173,8 @@ ENTRIES = (
     OpEntry(_ADAPTIVE_AVG, _adaptive_avg_rule, _pool_cases(((1,), {}), ((2,), {}), ((3,), {})), doc="exact norm"),
     OpEntry(_ADAPTIVE_MAX, _adaptive_max_rule, _pool_cases(((1,), {}), ((2,), {}), ((3,), {})),
             doc="sqrt(most windows per input)"),
+    OpEntry((L2Pool,), constant(1.0, "global l2 pooling: per-channel norms, 1-Lipschitz"), _l2_pool_cases,
+            size_free=True, leaf=True, doc="1 (norm-preserving)"),
 )
 for _entry in ENTRIES:
     table().add(_entry)

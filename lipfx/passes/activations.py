@@ -17,6 +17,7 @@ from torch import nn
 
 from ..activations import GNP_ACTIVATIONS
 from ..errors import ArgumentError, LipfxError
+from .graph_utils import free_name
 from .report import ConversionReport
 
 RELU_LIKE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
@@ -29,7 +30,9 @@ _IN_PLACE = {F.relu_, torch.relu_, F.leaky_relu_, F.elu_, "relu_"}
 
 def replace_activations(gm: fx.GraphModule, activation: str, report: Optional[ConversionReport] = None) -> int:
     """Put a new ``activation`` module (a key of :data:`lipfx.activations.GNP_ACTIVATIONS`) in
-    place of every ReLU-like activation of ``gm``, in place; returns how many were replaced."""
+    place of every ReLU-like activation of ``gm``, in place; returns how many were replaced.
+    Needs ``node.meta['tensor_meta']`` (``lipfx.convert`` records it): ``"householder"`` gets
+    one angle per pair of channels (dim 1)."""
     if activation not in GNP_ACTIVATIONS:
         raise ArgumentError(f"unknown activation {activation!r}; choose from {tuple(GNP_ACTIVATIONS)} or None")
     make = GNP_ACTIVATIONS[activation]
@@ -43,20 +46,30 @@ def replace_activations(gm: fx.GraphModule, activation: str, report: Optional[Co
         if _in_place(node, modules) and isinstance(source, fx.Node) and len(source.users) > 1:
             raise LipfxError(f"activation={activation!r}: '{label}' works in place and its input '{source.name}' is "
                              "also read elsewhere; an out-of-place replacement would change that reader")
-        name = _free_name(gm, f"gnp_{node.name}")
-        gm.add_submodule(name, make())
+        name = free_name(gm, f"gnp_{node.name}")
+        module = make(_channels(node, label))
+        gm.add_submodule(name, module)
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, (source,))
         new.meta = dict(node.meta)  # same shape: the shapes convert recorded stay true
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         if report is not None:
-            report.add(label, f"activation-{activation}", f"{label} -> {make.__name__}")
+            report.add(label, f"activation-{activation}", f"{label} -> {module!r}")
         count += 1
     gm.delete_all_unused_submodules()  # the replaced activation modules
     gm.graph.lint()
     gm.recompile()
     return count
+
+
+def _channels(node: fx.Node, label: str) -> int:
+    """The node's size along dim 1 (a learnable activation has one parameter per channel pair)."""
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    if shape is None or len(shape) < 2:
+        raise LipfxError(f"'{label}': no recorded shape with a channel dim (run lipfx.tracing.propagate_shapes first)")
+    return int(shape[1])
 
 
 def _relu_like(node: fx.Node, modules: dict) -> Optional[str]:
@@ -73,11 +86,3 @@ def _in_place(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         return bool(getattr(modules[node.target], "inplace", False))
     return node.target in _IN_PLACE or bool(node.kwargs.get("inplace", False))
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-

@@ -57,3 +57,11 @@ def innermost_module(node: fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack") or {}
     inner = next(reversed(stack.values()), None) if stack else None
     return inner[0] if isinstance(inner, tuple) and inner[0] else None
+
+
+def free_name(gm: fx.GraphModule, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first name no attribute of ``gm`` has."""
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name

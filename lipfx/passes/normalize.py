@@ -7,7 +7,7 @@ Which parametrization a module gets is the ``normalization`` piece of its op tab
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch.fx as fx
 from torch.nn.utils import parametrize
@@ -29,6 +29,8 @@ def normalize(
     s_init: float = 3.0,
     power_iters: int = POWER_ITERS,
     batched: bool = True,
+    constraint: str = "spectral",
+    exclude: Iterable[str] = (),
     eps: Optional[float] = None,
     refresh: Optional[float] = None,
     report: Optional[ConversionReport] = None,
@@ -58,13 +60,21 @@ def normalize(
             all-reduce at the end of the backward instead of layer by layer; ``False`` keeps
             them layer by layer. Calling a submodule of ``gm`` directly also computes its
             weights one by one.
+        constraint: what pointwise (1x1) convs and linear layers are held to: ``"spectral"``
+            (norm K by power iteration), ``"orthogonal"`` (K times a (semi-)orthogonal matrix, by
+            a Cayley map: every singular value K) or ``"aol"`` (K times the AOL-rescaled weight, norm <= K, no
+            state). Spatial convs are spectrally normalized in every case (docs/math.md, 15).
+        exclude: names of modules to leave alone (e.g. a last layer with its own parametrization).
         eps, refresh: retired (they steered host-side decisions); ignored, with a warning.
     """
     warn_retired(eps, refresh, "lipfx.normalize")
-    options = NormOptions(scaling, s_init, power_iters)
+    options = NormOptions(scaling, s_init, power_iters, constraint)
+    exclude = set(exclude)
     sizes = input_shapes(gm)
     modules = dict(gm.named_modules())
     for name, shapes in sizes.items():
+        if name in exclude:
+            continue
         module = modules[name]
         entry = lookup(type(module))
         if entry is None or entry.normalization is None:

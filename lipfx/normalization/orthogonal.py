@@ -1,0 +1,158 @@
+"""Gradient-norm-preserving weights for pointwise (1x1) convs and linear layers (docs/math.md, 15).
+
+- :class:`AOLNormalization`: ``W -> K * W D`` with ``D = diag(sum_j |W^T W|_ij)^(-1/2)``
+  (almost-orthogonal layers, Prach & Lampert 2022): ``||W D|| <= 1`` for every W, no state.
+- :class:`OrthogonalNormalization`: ``W -> K * Q``, Q (semi-)orthogonal for every value of the
+  trained parameter: ``Q = B cayley(A)`` (first columns), A skew-symmetric built from the
+  parameter and B an orthogonal buffer, set at registration to the completed polar factor of the
+  layer's weight (so the layer starts at its nearest (semi-)orthogonal matrix, parameter 0).
+
+Both are differentiable maps computed on every training forward, with no host read; in eval mode
+the base class divides by the *certified* norm of the mapped weight, so each layer's norm is <= K
+exactly there, as for every other kind. Iterative orthogonalization (Björck steps after AOL) was
+measured and dropped: under Adam the raw weight drifts until a fixed number of steps no longer
+converges (max |sigma - 1| = 0.95 after 100 steps at lr 1e-2, docs/benchmarks.md); the Cayley
+map is orthogonal whatever the parameter is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..norms.conv import grouped_matrix_norm
+from .base import LipschitzNormalization, _autocast_off, compute_dtype
+from .rescale import TrainBound
+
+
+def aol_rescale(w: torch.Tensor) -> torch.Tensor:
+    """AOL for a batch of matrices (..., m, n), on the side of the smaller Gram matrix:
+    ``W D`` with ``D_jj = (sum_i |W^T W|_ji)^(-1/2)`` when m >= n, ``D W`` with ``D`` from
+    ``W W^T`` when m < n. Either way ``||.|| <= 1`` (Gershgorin on D W^T W D, resp. D W W^T D),
+    and a (semi-)orthogonal W is left as it is. A zero column (row) stays zero.
+    """
+    tall = w.shape[-2] >= w.shape[-1]
+    gram = w.mT @ w if tall else w @ w.mT
+    d = gram.abs().sum(-1).clamp_min(torch.finfo(w.dtype).tiny).rsqrt()
+    return w * d.unsqueeze(-2) if tall else w * d.unsqueeze(-1)
+
+
+def cayley(a: torch.Tensor) -> torch.Tensor:
+    """``(I + A)^-1 (I - A)`` for skew-symmetric A (batched): orthogonal, I + A is never singular."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+    return torch.linalg.solve(eye + a, eye - a)
+
+
+def skew_from_columns(x: torch.Tensor) -> torch.Tensor:
+    """The skew-symmetric (..., m, m) matrix whose strictly lower part, in the first n columns,
+    is that of x (..., m, n), m >= n: ``nm - n(n+1)/2`` free entries, the Stiefel manifold's dimension."""
+    m, n = x.shape[-2:]
+    low = torch.nn.functional.pad(x, (0, m - n)).tril(-1)
+    return low - low.mT
+
+
+def polar_factor(w: torch.Tensor) -> torch.Tensor:
+    """U V^T of a batch of matrices: the nearest (semi-)orthogonal matrix in Frobenius norm."""
+    u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return (u @ vh).to(w.dtype)
+
+
+def completed_polar(x: torch.Tensor) -> torch.Tensor:
+    """An orthogonal (..., m, m) matrix whose first n columns are the polar factor of x (..., m, n)."""
+    q = polar_factor(x.double())
+    m, n = x.shape[-2:]
+    if m == n:
+        return q
+    g = torch.Generator().manual_seed(0)
+    rest = torch.randn(*x.shape[:-1], m - n, generator=g, dtype=torch.float64)
+    full, _ = torch.linalg.qr(torch.cat((q, rest), -1))
+    # QR keeps the span of the first n columns but may flip their signs: put U V^T back exactly
+    return torch.cat((q, full[..., n:]), -1)
+
+
+class AOLNormalization(LipschitzNormalization):
+    """Pointwise convs and linear layers (per group): ``W -> K * W D`` (almost orthogonal).
+
+    ``initialize``: replace ``weight``'s values by their polar factor (per group) first.
+    """
+
+    kind = "aol"
+
+    def __init__(self, weight: torch.Tensor, groups: int, K: float, scaling: str = "hard",
+                 s_init: float = 3.0, name: str = "", initialize: bool = True) -> None:
+        super().__init__(K, scaling, s_init, name)
+        self.groups = groups
+        if initialize:
+            self.initialize(weight)
+
+    def _matrices(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(self.groups, weight.shape[0] // self.groups, -1)
+
+    def _gnp(self, x: torch.Tensor) -> torch.Tensor:
+        return aol_rescale(x)
+
+    def transform(self, weight: torch.Tensor) -> torch.Tensor:
+        # never under autocast: eval mode bounds this map's output once and applies it again
+        # later, so both evaluations must give the same values whatever autocast says then
+        with _autocast_off(weight.device.type):
+            x = self._matrices(weight.to(compute_dtype(weight)))
+            return self._gnp(x).reshape(weight.shape).to(weight.dtype)
+
+    def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
+        # the transformed weight has norm <= 1 by construction: nothing to bound, nothing to read
+        return TrainBound(torch.ones((), dtype=compute_dtype(weight), device=weight.device), None)
+
+    @torch.no_grad()
+    def initialize(self, weight: torch.Tensor) -> None:
+        """Set the raw weight to its polar factor, which AOL leaves as it is."""
+        weight.copy_(polar_factor(self._matrices(weight)).reshape(weight.shape))
+
+    def exact_bound(self, weight: torch.Tensor) -> float:
+        return grouped_matrix_norm(weight.reshape(weight.shape[0], -1), self.groups)
+
+    def rounding_terms(self, weight: torch.Tensor) -> float:
+        rows, cols = weight.shape[0] // self.groups, weight[0].numel()
+        return math.sqrt(min(rows, cols))
+
+
+class OrthogonalNormalization(AOLNormalization):
+    """Pointwise convs and linear layers (per group): ``W -> K * Q`` with Q (semi-)orthogonal:
+    the first columns of ``B cayley(A(W))`` (transposed for a wide W), B an orthogonal buffer.
+
+    At registration B becomes the completed polar factor of ``weight`` and ``weight`` becomes 0,
+    the parameter of that matrix (``weight`` is modified in place)."""
+
+    kind = "orthogonal(cayley)"
+
+    def __init__(self, weight: torch.Tensor, groups: int, K: float, scaling: str = "hard",
+                 s_init: float = 3.0, name: str = "") -> None:
+        super().__init__(weight, groups, K, scaling, s_init, name, initialize=False)
+        x = self._tall(self._matrices(weight.detach()))
+        base = completed_polar(x).to(compute_dtype(weight))
+        self.register_buffer("base", base)
+        with torch.no_grad():
+            weight.zero_()
+
+    def transform_state(self) -> tuple:
+        return (self.base,)
+
+    def _tall(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.shape[-2] >= x.shape[-1] else x.mT
+
+    def _gnp(self, x: torch.Tensor) -> torch.Tensor:
+        tall = self._tall(x)
+        n = tall.shape[-1]
+        q = (self.base.to(tall.dtype) @ cayley(skew_from_columns(tall)))[..., :n]
+        return q if x.shape[-2] >= x.shape[-1] else q.mT
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts like any module, but the base never drops below float32 (rounded to
+        float16 it would be orthogonal only to about 1e-3)."""
+        before = self._buffers.get("base")
+        out = super()._apply(fn, recurse)
+        after = self._buffers["base"]
+        wide = torch.promote_types(after.dtype, torch.float32)
+        if after.dtype != wide:
+            self._buffers["base"] = before.to(device=after.device, dtype=torch.promote_types(before.dtype, wide))
+        return out
