@@ -29,7 +29,7 @@ from .rescale import TrainBound
 def aol_rescale(w: torch.Tensor) -> torch.Tensor:
     """AOL for a batch of matrices (..., m, n), on the side of the smaller Gram matrix:
     ``W D`` with ``D_jj = (sum_i |W^T W|_ji)^(-1/2)`` when m >= n, ``D W`` with ``D`` from
-    ``W W^T`` when m < n. Either way ``||.|| <= 1`` (Gershgorin on D W^T W D, resp. D W W^T D),
+    ``W W^T`` when m < n. Either way ``||.|| <= 1`` (Schur's test on D W^T W D, resp. D W W^T D),
     and a (semi-)orthogonal W is left as it is. A zero column (row) stays zero.
     """
     tall = w.shape[-2] >= w.shape[-1]
@@ -41,7 +41,9 @@ def aol_rescale(w: torch.Tensor) -> torch.Tensor:
 def cayley(a: torch.Tensor) -> torch.Tensor:
     """``(I + A)^-1 (I - A)`` for skew-symmetric A (batched): orthogonal, I + A is never singular."""
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
-    return torch.linalg.solve(eye + a, eye - a)
+    # solve_ex: linalg.solve's singularity check would read a flag on the host (a GPU wait),
+    # and I + A, with A skew, has eigenvalues 1 + i t: never singular
+    return torch.linalg.solve_ex(eye + a, eye - a)[0]
 
 
 def skew_from_columns(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ def completed_polar(x: torch.Tensor) -> torch.Tensor:
     if m == n:
         return q
     g = torch.Generator().manual_seed(0)
-    rest = torch.randn(*x.shape[:-1], m - n, generator=g, dtype=torch.float64)
+    rest = torch.randn(*x.shape[:-1], m - n, generator=g, dtype=torch.float64).to(q.device)
     full, _ = torch.linalg.qr(torch.cat((q, rest), -1))
     # QR keeps the span of the first n columns but may flip their signs: put U V^T back exactly
     return torch.cat((q, full[..., n:]), -1)
