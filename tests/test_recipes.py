@@ -42,7 +42,7 @@ def test_certified_classifier_recipe(tmp_path):
 def test_certified_cifar10_recipe_on_the_synthetic_stand_in(tmp_path):
     plot = tmp_path / "cifar.png"
     res = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "certified_cifar10.py"), "--data", "synthetic", "--epochs", "6",
+        [sys.executable, str(ROOT / "recipes" / "certified_cifar10.py"), "--data", "synthetic", "--epochs", "10",
          "--width", "8", "--depth", "1", "--batch", "64", "--lr", "1e-2", "--plot", str(plot)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
@@ -53,7 +53,7 @@ def test_certified_cifar10_recipe_on_the_synthetic_stand_in(tmp_path):
     bound = float(out.split("certificate:")[1].split()[0])
     assert 0 < bound < math.inf
     clean = float(out.split("clean accuracy")[1].split("%")[0]) / 100
-    assert clean > 0.15, out  # it learns (10 classes: chance is 0.10; measured 0.25)
+    assert clean > 0.2, out  # it learns (10 classes: chance is 0.10; measured 0.39)
     check_plot(plot, out)
 
 
