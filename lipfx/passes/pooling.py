@@ -4,8 +4,10 @@ A global average over H x W positions has norm 1/sqrt(H W): it throws away most 
 network's budget just before the classifier. :class:`lipfx.layers.L2Pool` keeps the norm. Every
 node that averages over all spatial dims is replaced: ``AdaptiveAvgPool{1,2,3}d`` with output
 size 1, ``F.adaptive_avg_pool*d(x, 1)`` and ``x.mean(dims)`` / ``torch.mean(x, dims)`` over
-exactly the dims after the first two. Which nodes those are is decided from the shapes
-``lipfx.convert`` recorded, not from names.
+exactly the dims after the first two (on a 3-D tensor that is dim 2, as for Conv1d features).
+Which nodes those are is decided from the shapes ``lipfx.convert`` recorded, not from names. A
+mean whose result is combined with its own input (centring, ``x - x.mean(...)``) is not pooling
+and is left alone.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def _global_average(node: fx.Node, modules: dict) -> Optional[tuple[fx.Node, boo
         return None  # not global, or not over the spatial dims
     if label.endswith("(mean)") and not _means_spatial(node, len(shape_in)):
         return None
+    if any(source in user.all_input_nodes for user in node.users):
+        return None  # x - x.mean(...) and the like: centring, not pooling
     return source, keepdim, label
 
 
