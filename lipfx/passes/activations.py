@@ -17,7 +17,7 @@ from torch import nn
 
 from ..activations import GNP_ACTIVATIONS
 from ..errors import ArgumentError, LipfxError
-from .graph_utils import free_name
+from .graph_utils import replace_with_module
 from .report import ConversionReport
 
 RELU_LIKE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
@@ -46,14 +46,8 @@ def replace_activations(gm: fx.GraphModule, activation: str, report: Optional[Co
         if _in_place(node, modules) and isinstance(source, fx.Node) and len(source.users) > 1:
             raise LipfxError(f"activation={activation!r}: '{label}' works in place and its input '{source.name}' is "
                              "also read elsewhere; an out-of-place replacement would change that reader")
-        name = free_name(gm, f"gnp_{node.name}")
         module = make(_channels(node, label))
-        gm.add_submodule(name, module)
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (source,))
-        new.meta = dict(node.meta)  # same shape: the shapes convert recorded stay true
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_with_module(gm, node, f"gnp_{node.name}", module, source)
         if report is not None:
             report.add(label, f"activation-{activation}", f"{label} -> {module!r}")
         count += 1

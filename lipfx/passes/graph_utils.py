@@ -59,6 +59,19 @@ def innermost_module(node: fx.Node) -> str | None:
     return inner[0] if isinstance(inner, tuple) and inner[0] else None
 
 
+def replace_with_module(gm: fx.GraphModule, node: fx.Node, base: str, module: nn.Module, source: fx.Node) -> fx.Node:
+    """Put a call of ``module`` (added to ``gm`` under a free name from ``base``) on ``source`` in
+    place of ``node``: its users read the new node, which keeps ``node``'s meta (same shape)."""
+    name = free_name(gm, base)
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (source,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
 def free_name(gm: fx.GraphModule, base: str) -> str:
     """``base``, or ``base_1``, ``base_2``, ... : the first name no attribute of ``gm`` has."""
     name, i = base, 1

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ArgumentError
 from ..layers import L2Pool
-from .graph_utils import free_name
+from .graph_utils import replace_with_module
 from .report import ConversionReport
 
 POOLINGS = ("l2",)
@@ -41,13 +41,7 @@ def replace_global_pooling(gm: fx.GraphModule, pooling: str, report: Optional[Co
         if found is None:
             continue
         source, keepdim, label = found
-        name = free_name(gm, f"l2pool_{node.name}")
-        gm.add_submodule(name, L2Pool(keepdim))
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (source,))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_with_module(gm, node, f"l2pool_{node.name}", L2Pool(keepdim), source)
         if report is not None:
             report.add(label, "pooling-l2", f"{label} -> L2Pool")
         count += 1
