@@ -86,12 +86,14 @@ def convert(
             modules and functional calls) by that gradient-norm-preserving one
             (:mod:`lipfx.activations`); ``"beta-abs"`` and ``"householder"`` (learnable angles, one
             per channel pair) too. ``None`` keeps them. Changes the function, like ``bn="remove"``.
-        constraint: what pointwise (1x1) convs and linear layers are held to with ``normalize``:
-            ``"spectral"`` (norm K), ``"orthogonal"`` (K times a (semi-)orthogonal matrix, every
-            singular value K; the weight starts at its nearest one) or ``"aol"`` (AOL rescaling,
-            norm <= K). Spatial convs are spectrally normalized (norm K) in every case. For a
-            gradient-norm-preserving network, combine ``"orthogonal"`` with ``activation``,
-            ``pooling="l2"`` and ``last_layer="unit-rows"``.
+        constraint: what convs and linear layers are held to with ``normalize``: ``"spectral"``
+            (norm K), ``"orthogonal"`` (K times a (semi-)orthogonal matrix, every singular value
+            K, starting at the weight's nearest one; a spatial conv kept whole gets an orthogonal
+            BCOP kernel, starting at its centre tap) or ``"aol"`` (AOL rescaling, norm <= K).
+            Depthwise convs stay spectral (see ``spatial``), and so do convs with reflect or
+            replicate padding (the report says why). For a gradient-norm-preserving network,
+            combine ``"orthogonal"`` with ``activation``, ``pooling="l2"`` and
+            ``last_layer="unit-rows"``.
         spatial: ``"shift"`` replaces every depthwise conv with channel multiplier 1 (all of them
             with ``separable="fresh"``) by a parameter-free :class:`lipfx.layers.Shift`, the only
             norm-preserving depthwise conv; with ``constraint="orthogonal"`` that is LipNeXt's

@@ -9,9 +9,10 @@ that lipfx turns into a GNP one: MaxMin activations, global l2 pooling and a las
 rows, with every layer normalized to K = 1. ``--variant``: ``shift`` (default) rewrites the convs
 into LipNeXt-style spatial shifts + orthogonal pointwise maps; ``orthogonal`` into depthwise convs
 (spectrally normalized) + orthogonal pointwise maps; ``whole`` keeps the convs, spectrally
-normalized. Spectral normalization caps only the top singular value, and through this many layers
-the signal fades: on the synthetic stand-in (width 8) the logits of ``whole`` vary across inputs
-by 2e-4 at initialization, those of ``shift`` by 0.035. It trains with
+normalized; ``whole-orthogonal`` keeps them with orthogonal BCOP kernels. Spectral normalization
+caps only the top singular value, and through this many layers the signal fades: on the
+synthetic stand-in (width 8) the logits of ``whole`` vary across inputs by 2e-4 at
+initialization, those of ``shift`` by 0.024 and those of ``whole-orthogonal`` by 0.042. It trains with
 ``lipfx.robust.margin_loss`` (Adam, one-cycle schedule) and is certified with
 ``lipfx.certificate`` and pairwise radii. CIFAR-10 is read with torchvision from ``--root``
 (``--download`` fetches it, which needs a network).
@@ -33,6 +34,7 @@ from lipfx.robust import certified_accuracy, margin_loss
 RADII = (0.0, 36 / 255, 72 / 255, 108 / 255)
 VARIANTS = {
     "whole": dict(separable=None),
+    "whole-orthogonal": dict(separable=None, constraint="orthogonal"),
     "orthogonal": dict(constraint="orthogonal"),
     "shift": dict(separable="fresh", spatial="shift", constraint="orthogonal"),
 }

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py, tests/zoo.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py, tests/zoo.py, tests/steps.py
 
 import zoo as _zoo  # noqa: E402
 

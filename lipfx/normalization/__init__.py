@@ -8,6 +8,7 @@ Each conv, linear and :class:`~lipfx.layers.ChannelAffine` of a converted networ
 - :mod:`.base`: the parametrization shared by every layer kind (training and eval paths);
 - :mod:`.layers`: the layer kinds (power iteration, the FFT spectrum, max|scale|);
 - :mod:`.orthogonal`: AOL and (semi-)orthogonal pointwise/linear layers (``constraint=``);
+- :mod:`.orthogonal_conv`: AOL and orthogonal (BCOP) kernels for spatial convs kept whole;
 - :mod:`.rows`: unit-norm rows for a last layer (``last_layer="unit-rows"``);
 - :mod:`.constants`: K as a float, name patterns or a callable; ``set_constants``;
 - :mod:`.batching`: every weight computed together when a training forward starts;
@@ -20,6 +21,7 @@ from .constants import KSpec, normalized_layers, power_residuals, resolve_K, set
 from .layers import ConvNormalization, DiagonalNormalization, MatrixNormalization
 from .options import CONSTRAINTS, NormOptions
 from .orthogonal import AOLNormalization, OrthogonalNormalization
+from .orthogonal_conv import AOLConvNormalization, OrthogonalConvNormalization
 from .rows import UnitRows
 from .rescale import TrainBound
 from ..passes.normalize import normalize
@@ -27,6 +29,7 @@ from ..passes.normalize import normalize
 __all__ = [
     "normalize", "normalized_layers", "power_residuals", "set_constants", "resolve_K", "KSpec", "NormOptions", "SCALINGS",
     "LipschitzNormalization", "MatrixNormalization", "ConvNormalization", "DiagonalNormalization",
-    "AOLNormalization", "OrthogonalNormalization", "UnitRows", "CONSTRAINTS",
+    "AOLNormalization", "OrthogonalNormalization", "AOLConvNormalization", "OrthogonalConvNormalization",
+    "UnitRows", "CONSTRAINTS",
     "TrainBound", "enable_batching", "disable_batching", "is_batched",
 ]

@@ -30,6 +30,9 @@ class LipschitzNormalization(nn.Module):
 
     kind = "?"
     differentiable_bound = False  # True: train_bound gets the live weight and returns a value with autograd history
+    # True: transform() alone gives norm <= 1 (AOL, orthogonal), so training divides by nothing;
+    # eval mode then only ever scales down (by max(certified bound, 1)) and computes what training did
+    bounded_by_construction = False
 
     def __init__(self, K: float, scaling: str = "hard", s_init: float = 3.0, name: str = "") -> None:
         super().__init__()
@@ -94,7 +97,8 @@ class LipschitzNormalization(nn.Module):
                     return prepared[3]  # computed with every other layer's at the start of this forward
             return self._train_forward(weight)
         factor = self._eval_factor(weight)
-        needs_grad = torch.is_grad_enabled() and (weight.requires_grad or (self.s is not None and self.s.requires_grad))
+        trainable = (weight,) + self.transform_state() + (() if self.s is None else (self.s,))
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in trainable)
         if needs_grad:
             # The exact bound is a constant here: gradients reach W (and s), not through the bound.
             return self.transform(weight) * (self.scale().to(weight.dtype) * factor)
@@ -121,7 +125,8 @@ class LipschitzNormalization(nn.Module):
 
     @torch.compiler.disable  # python-side cache and float64 certificates: run eagerly
     def _eval_factor(self, weight: torch.Tensor) -> float:
-        """1 / (bound * (1 + delta)), recomputed only when the weight changed.
+        """1 / (bound * (1 + delta)) (at most 1 for ``bounded_by_construction`` kinds), recomputed
+        only when the weight changed.
 
         delta covers rounding the rescaled weight to its dtype: an entrywise relative error of
         ~2u (scalar cast + product) moves the operator norm by at most rounding_terms * 2u.
@@ -137,9 +142,11 @@ class LipschitzNormalization(nn.Module):
             with torch.no_grad():
                 mapped = self.transform(weight.detach())
             delta = 4 * u * (self.rounding_terms(mapped) + 1)
-            bound = self.exact_bound(mapped)
+            bound = self.exact_bound(mapped) * (1 + delta)
+            if self.bounded_by_construction:
+                bound = max(bound, 1.0)
             # a zero operator stays zero (and 0 * 1/tiny would be 0 * inf = nan in float32)
-            self._cache_factor = 1.0 / (bound * (1 + delta)) if bound > 0 else 0.0
+            self._cache_factor = 1.0 / bound if bound > 0 else 0.0
             self._cache_source = tuple(t.detach().clone() for t in inputs)
             self._generation += 1
             self._cache_key = key + (self._generation,)

@@ -270,14 +270,23 @@ class ConvNormalization(LipschitzNormalization):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def exact_bound(self, weight: torch.Tensor) -> float:
-        geom = self._geometry(weight)
-        return max(conv_bound(geom, n, self.name) for n in self.sizes)
+        return spatial_bound(self._geometry(weight), self.sizes, self.name)
 
     def rounding_terms(self, weight: torch.Tensor) -> float:
-        # ||op(E)|| <= sum over taps ||E_t||_F <= taps * sqrt(rank) * u * max_t ||W_t||_2, and
-        # every tap's matrix norm is at most the operator norm.
-        rows, cols = weight.shape[0] // self.groups, weight.shape[1]
-        return math.prod(weight.shape[2:]) * math.sqrt(min(rows, cols))
+        return spatial_rounding_terms(weight, self.groups)
+
+
+def spatial_bound(geom: ConvGeometry, sizes: Sequence[Sequence[int]], name: str) -> float:
+    """A spatial conv's certified norm: the FFT / polyphase bound, the max over its input sizes."""
+    return max(conv_bound(geom, n, name) for n in sizes)
+
+
+def spatial_rounding_terms(weight: torch.Tensor, groups: int) -> float:
+    """``rounding_terms`` of a conv kernel (see LipschitzNormalization)."""
+    # ||op(E)|| <= sum over taps ||E_t||_F <= taps * sqrt(rank) * u * max_t ||W_t||_2, and
+    # every tap's matrix norm is at most the operator norm.
+    rows, cols = weight.shape[0] // groups, weight.shape[1]
+    return math.prod(weight.shape[2:]) * math.sqrt(min(rows, cols))
 
 
 class DiagonalNormalization(LipschitzNormalization):

@@ -10,7 +10,7 @@ from ..errors import ArgumentError
 from .base import SCALINGS
 
 POWER_ITERS = 2  # power steps per training step (warm-started: the weights move little per step)
-# what pointwise (1x1) convs and linear layers are held to (spatial convs are always "spectral")
+# what convs and linear layers are held to (depthwise convs, and paddings that repeat pixels, stay "spectral")
 CONSTRAINTS = ("spectral", "aol", "orthogonal")
 
 
@@ -18,7 +18,7 @@ CONSTRAINTS = ("spectral", "aol", "orthogonal")
 class NormOptions:
     """``scaling`` ('hard' or 'soft'), ``s_init`` (soft scaling's initial s), ``power_iters``
     (power steps per training step for pointwise/linear layers and full convs) and ``constraint``
-    (one of :data:`CONSTRAINTS`, for pointwise/linear layers); see :func:`lipfx.normalize`."""
+    (one of :data:`CONSTRAINTS`); see :func:`lipfx.normalize`."""
 
     scaling: str = "hard"
     s_init: float = 3.0

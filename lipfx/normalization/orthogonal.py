@@ -8,10 +8,10 @@
   layer's weight (so the layer starts at its nearest (semi-)orthogonal matrix, parameter 0).
 
 Both are differentiable maps computed on every training forward, with no host read; in eval mode
-the base class divides by the *certified* norm of the mapped weight, so each layer's norm is <= K
-exactly there, as for every other kind. Iterative orthogonalization (Björck steps after AOL) was
-measured and dropped: under Adam the raw weight drifts until a fixed number of steps no longer
-converges (max |sigma - 1| = 0.95 after 100 steps at lr 1e-2, docs/benchmarks.md); the Cayley
+the base class divides by the *certified* norm of the mapped weight where it exceeds 1 (float
+round-off), so each layer's norm is <= K exactly there and the eval network is the trained one.
+Iterative orthogonalization (Björck steps after AOL) was measured and dropped: under Adam the raw
+weight drifts until a fixed number of steps no longer converges (max |sigma - 1| = 0.95 after 100 steps at lr 1e-2, docs/benchmarks.md); the Cayley
 map is orthogonal whatever the parameter is.
 """
 
@@ -62,6 +62,19 @@ def skew_from_columns(x: torch.Tensor) -> torch.Tensor:
     return low - low.mT
 
 
+def stiefel(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The (semi-)orthogonal matrix of x's shape (..., m, n) that x parametrizes around ``base``
+    (..., max(m, n), max(m, n)), orthogonal: the first columns of ``base @ cayley(A(x))``,
+    transposed for a wide x; x = 0 gives base's first columns."""
+    tall = x if x.shape[-2] >= x.shape[-1] else x.mT
+    n = tall.shape[-1]
+    q = (base.to(tall.dtype) @ cayley(skew_from_columns(tall)))[..., :n]
+    # the float32 solve is orthogonal only to ~1e-3 for large or badly conditioned I + A; one
+    # Björck step maps singular values 1 + e to 1 - 1.5 e^2 - 0.5 e^3: back within ~1e-6, never above 1
+    q = bjorck_step(q)
+    return q if x.shape[-2] >= x.shape[-1] else q.mT
+
+
 def polar_factor(w: torch.Tensor) -> torch.Tensor:
     """U V^T of a batch of matrices: the nearest (semi-)orthogonal matrix in Frobenius norm."""
     u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
@@ -88,6 +101,7 @@ class AOLNormalization(LipschitzNormalization):
     """
 
     kind = "aol"
+    bounded_by_construction = True
 
     def __init__(self, weight: torch.Tensor, groups: int, K: float, scaling: str = "hard",
                  s_init: float = 3.0, name: str = "", initialize: bool = True) -> None:
@@ -151,21 +165,21 @@ class OrthogonalNormalization(AOLNormalization):
         return x if x.shape[-2] >= x.shape[-1] else x.mT
 
     def _gnp(self, x: torch.Tensor) -> torch.Tensor:
-        tall = self._tall(x)
-        n = tall.shape[-1]
-        q = (self.base.to(tall.dtype) @ cayley(skew_from_columns(tall)))[..., :n]
-        # the float32 solve is orthogonal only to ~1e-3 for large or badly conditioned I + A; one
-        # Björck step maps singular values 1 + e to 1 - 1.5 e^2 - 0.5 e^3: back within ~1e-6, never above 1
-        q = bjorck_step(q)
-        return q if x.shape[-2] >= x.shape[-1] else q.mT
+        return stiefel(self.base, x)
 
     def _apply(self, fn, recurse=True):
-        """Moves and casts like any module, but the base never drops below float32 (rounded to
-        float16 it would be orthogonal only to about 1e-3)."""
-        before = self._buffers.get("base")
-        out = super()._apply(fn, recurse)
-        after = self._buffers["base"]
+        return keep_wide(self, ("base",), lambda: super(OrthogonalNormalization, self)._apply(fn, recurse))
+
+
+def keep_wide(module: torch.nn.Module, names: tuple, apply) -> torch.nn.Module:
+    """``module._apply`` (run by ``apply()``) that moves and casts like any module's, except that
+    the orthogonal buffers ``names`` never drop below float32: rounded to float16 they would be
+    orthogonal only to about 1e-3."""
+    before = {n: module._buffers[n] for n in names}
+    out = apply()
+    for n, old in before.items():
+        after = module._buffers[n]
         wide = torch.promote_types(after.dtype, torch.float32)
         if after.dtype != wide:
-            self._buffers["base"] = before.to(device=after.device, dtype=torch.promote_types(before.dtype, wide))
-        return out
+            module._buffers[n] = old.to(device=after.device, dtype=torch.promote_types(old.dtype, wide))
+    return out

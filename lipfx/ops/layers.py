@@ -18,6 +18,7 @@ from ..layers import ChannelAffine, SeparableConv, Shift
 from ..normalization.layers import ConvNormalization, DiagonalNormalization, MatrixNormalization
 from ..normalization.options import NormOptions
 from ..normalization.orthogonal import AOLNormalization, OrthogonalNormalization
+from ..normalization.orthogonal_conv import AOLConvNormalization, OrthogonalConvNormalization, gnp_conv_reason
 from ..norms import conv_layer_bound, linear_layer_bound
 from ..norms.geometry import ConvGeometry, conv_geometry
 from ..passes.batchnorm import eval_scale
@@ -67,8 +68,16 @@ def _normalize_conv(module: nn.Module, shapes: list, k: float, o: NormOptions, n
     geom = conv_geometry(module, name)
     if geom.is_pointwise and all(lo == hi == 0 for lo, hi in geom.pads):
         return _normalize_matrix(module, shapes, k, o, name, module.groups)
-    # spatial convs are spectrally normalized whatever the constraint (docs/math.md, 15)
-    return ConvNormalization(module, [s[1:] for s in shapes], k, o.scaling, o.s_init, name, o.power_iters)
+    sizes = [s[1:] for s in shapes]
+    # depthwise convs, and paddings that repeat pixels, stay spectral (docs/math.md, 16)
+    reason = None if o.constraint == "spectral" else gnp_conv_reason(geom)
+    if o.constraint != "spectral" and reason is None:
+        kind = OrthogonalConvNormalization if o.constraint == "orthogonal" else AOLConvNormalization
+        return kind(module, sizes, k, o.scaling, o.s_init, name)
+    p = ConvNormalization(module, sizes, k, o.scaling, o.s_init, name, o.power_iters)
+    if reason is not None:  # say in the report why the constraint was not applied
+        p.kind += f" (not {o.constraint}: {reason})"
+    return p
 
 
 def _fuzz_linear(key: type, g: torch.Generator) -> list[FuzzCase]:

@@ -60,10 +60,14 @@ def normalize(
             all-reduce at the end of the backward instead of layer by layer; ``False`` keeps
             them layer by layer. Calling a submodule of ``gm`` directly also computes its
             weights one by one.
-        constraint: what pointwise (1x1) convs and linear layers are held to: ``"spectral"``
-            (norm K by power iteration), ``"orthogonal"`` (K times a (semi-)orthogonal matrix, by
-            a Cayley map: every singular value K) or ``"aol"`` (K times the AOL-rescaled weight, norm <= K, no
-            state). Spatial convs are spectrally normalized in every case (docs/math.md, 15).
+        constraint: what conv and linear layers are held to: ``"spectral"`` (norm K: power
+            iteration, FFT for spatial convs), ``"orthogonal"`` (pointwise convs and linears: K
+            times a (semi-)orthogonal matrix, by a Cayley map, every singular value K; spatial
+            convs: K times a BCOP kernel, an isometry or co-isometry on the whole grid) or
+            ``"aol"`` (K times the AOL-rescaled weight or kernel, norm <= K, no state).
+            Depthwise convs, and spatial convs whose padding repeats pixels (reflect,
+            replicate, circular wrapping twice), stay spectral, and the report says why
+            (docs/math.md, 15 and 16).
         exclude: names of modules to leave alone (e.g. a last layer with its own parametrization).
         eps, refresh: retired (they steered host-side decisions); ignored, with a warning.
     """

@@ -1,0 +1,235 @@
+"""Gradient-norm-preserving spatial convs kept whole: ``constraint="aol"`` and ``"orthogonal"``
+for convs with a spatial kernel (docs/math.md, section 16).
+
+- :class:`AOLConvNormalization`: ``W -> K * W D``, D one scale per input (or output) channel from
+  the absolute row sums of the conv's Gram kernel (AOL for convolutions, Prach & Lampert 2022).
+  Schur's test bounds the conv by 1 on the whole grid, for every kernel.
+- :class:`OrthogonalConvNormalization`: a block-convolution orthogonal parametrization (BCOP,
+  Li et al. 2019). The kernel is a product of 2-tap blocks ``[P, I - P]`` along each spatial dim
+  (P an orthogonal projector), composed with a (semi-)orthogonal channel matrix H. Each block's
+  symbol ``P + (I - P) e^{iw}`` is unitary at every frequency, so on the whole grid, and on any
+  torus, the conv is an isometry (more output channels) or a co-isometry (fewer). Every matrix
+  comes from the Cayley map of :mod:`.orthogonal`, so this holds for every value of the
+  parameters. The k x k kernel keeps the layer an ordinary conv: the graph does not change.
+
+Both claim norm <= 1 in training mode, which holds for zero padding with any stride and dilation
+(the layer is a crop of the whole-grid conv, subsampled) and for circular padding that wraps at
+most once; :func:`gnp_conv_reason` refuses the rest, which stay spectrally normalized. (In float32
+each block adds rounding: measured up to 1 + 2e-6 for 32 blocks, 1 + 1e-6 for 3x3 kernels.) Eval
+mode divides by the certified FFT bound of the mapped kernel where it exceeds 1 (round-off), and
+by nothing otherwise: the eval network is the trained one, every layer's norm <= K.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ArgumentError
+from ..norms.geometry import ConvGeometry, conv_geometry
+from .base import LipschitzNormalization, _autocast_off, compute_dtype
+from .layers import spatial_bound, spatial_rounding_terms
+from .orthogonal import completed_polar, keep_wide, stiefel
+from .rescale import TrainBound
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def gnp_conv_reason(geom: ConvGeometry) -> Optional[str]:
+    """Why a spatial conv cannot take an AOL or orthogonal kernel (None: it can)."""
+    if geom.groups > 1 and geom.weight.shape[1] == 1:
+        # the separable rewrite's spatial half: its exact FFT bound is tight at every step, and
+        # spatial="shift" is the norm-preserving choice for it
+        return "depthwise: bounded exactly by FFT (spatial='shift' makes it norm-preserving)"
+    if geom.padding_mode == "zeros" or all(lo == hi == 0 for lo, hi in geom.pads):
+        return None
+    if geom.padding_mode == "circular" and all(lo + hi <= e - 1 for (lo, hi), e in zip(geom.pads, geom.effective_kernel)):
+        return None
+    return f"{geom.padding_mode} padding repeats input pixels, so a norm-1 kernel does not give a norm-1 layer"
+
+
+def gram_row_sums(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``sum_{j, offset} |G_ij(offset)|`` per group and input channel i, (groups, Cin/groups):
+    G is the conv's Gram kernel, ``G_ij(d) = sum_{o, t} W_oi(t) W_oj(t + d)``, whose conv is
+    the whole-grid ``T^T T``. One conv of the kernel with itself."""
+    cout, cin_g = weight.shape[:2]
+    taps = weight.shape[2:]
+    cout_g = cout // groups
+    # cin_g "images" of cout channels, filtered by the kernel with its in/out roles swapped
+    images = weight.transpose(0, 1)
+    filters = weight.reshape(groups, cout_g, cin_g, *taps).transpose(1, 2).reshape(groups * cin_g, cout_g, *taps)
+    gram = _CONV[len(taps)](images, filters, padding=tuple(k - 1 for k in taps), groups=groups)
+    return gram.abs().sum(dim=(0,) + tuple(range(2, gram.dim()))).reshape(groups, cin_g)
+
+
+def aol_conv(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The AOL-rescaled kernel, norm <= 1 on the whole grid (docs/math.md, 16.1): input channels
+    scaled by ``(Gram row sum)^(-1/2)`` when Cout/groups >= Cin/groups, else output channels by
+    those of the transposed conv (the smaller Gram kernel, as for matrices)."""
+    cout, cin_g = weight.shape[:2]
+    cout_g, taps = cout // groups, weight.shape[2:]
+    per_group = weight.reshape(groups, cout_g, cin_g, *taps)
+    tiny = torch.finfo(weight.dtype).tiny
+    ones = (1,) * len(taps)
+    if cout_g >= cin_g:
+        d = gram_row_sums(weight, groups).clamp_min(tiny).rsqrt()
+        return (per_group * d.reshape(groups, 1, cin_g, *ones)).reshape(weight.shape)
+    swapped = per_group.transpose(1, 2).reshape(groups * cin_g, cout_g, *taps)  # the transposed conv's kernel (unflipped)
+    d = gram_row_sums(swapped, groups).clamp_min(tiny).rsqrt()
+    return (per_group * d.reshape(groups, cout_g, 1, *ones)).reshape(weight.shape)
+
+
+def block_kernel(projectors: torch.Tensor, kernel_size: Sequence[int]) -> torch.Tensor:
+    """The kernel (groups, c, c, *kernel_size) of the conv ``B_1 o B_2 o ... `` with one 2-tap
+    block ``[P_j, I - P_j]`` per entry of ``projectors`` (groups, m, c, c), m = sum(k - 1), the
+    first k_1 - 1 along spatial dim 1, and so on. Kernels compose by a matrix-valued full
+    convolution: ``(A o B)[v] = sum_{s + u = v} A[s] B[u]``."""
+    g, m, c, _ = projectors.shape
+    nd = len(kernel_size)
+    if m != sum(k - 1 for k in kernel_size):
+        raise ValueError(f"{m} projectors for kernel {tuple(kernel_size)}")
+    eye = torch.eye(c, dtype=projectors.dtype, device=projectors.device)
+    u = eye.expand(g, c, c).reshape(g, c, c, *(1,) * nd)
+    j = 0
+    for d, k in enumerate(kernel_size):
+        grow = [0, 0] * nd
+        for _ in range(k - 1):
+            p = projectors[:, j]
+            j += 1
+            first = torch.einsum("goi...,gij->goj...", u, p)
+            second = torch.einsum("goi...,gij->goj...", u, eye - p)
+            at = 2 * (nd - 1 - d)  # F.pad lists the last dim first
+            grow[at], grow[at + 1] = 0, 1
+            first = F.pad(first, grow)
+            grow[at], grow[at + 1] = 1, 0
+            u = first + F.pad(second, grow)
+            grow[at] = 0
+    return u
+
+
+def _delta_start(groups: int, c: int, kernel_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projector bases (groups, m, c, c) and ranks (m,) such that each dim's blocks come in
+    complementary pairs: ``(P + (I - P) z)((I - P) + P z) = z``, so the parameters at 0 give the
+    kernel H at its centre tap (a delta-orthogonal start, Xiao et al. 2018); an odd block out is
+    a random rank-c/2 projector."""
+    gen = torch.Generator().manual_seed(0)
+    bases, ranks = [], []
+    for k in kernel_size:
+        for j in range(k - 1):
+            if j % 2 == 1:  # the complement of the block before: its other columns first
+                bases.append(bases[-1].roll(-ranks[-1], dims=-1))
+                ranks.append(c - ranks[-1])
+                continue
+            q, _ = torch.linalg.qr(torch.randn(groups, c, c, generator=gen, dtype=torch.float64))
+            bases.append(q)
+            ranks.append(c // 2)
+    if not bases:
+        return torch.zeros(groups, 0, c, c, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    return torch.stack(bases, 1), torch.tensor(ranks)
+
+
+class _SpatialGNP(LipschitzNormalization):
+    """A spatial conv whose mapped kernel has norm <= 1 by construction: training mode has
+    nothing to bound (bound 1, no state, no host read); eval mode certifies it by FFT."""
+
+    _wide = ()  # buffers kept at float32 or wider whatever the module is cast to
+    bounded_by_construction = True
+
+    def __init__(self, conv: nn.Module, sizes: Sequence[Sequence[int]], K: float, scaling: str = "hard",
+                 s_init: float = 3.0, name: str = "") -> None:
+        super().__init__(K, scaling, s_init, name)
+        geom = conv_geometry(conv, name)
+        reason = gnp_conv_reason(geom)
+        if reason is not None:
+            raise ArgumentError(f"'{name}' cannot take a gradient-norm-preserving kernel: {reason}")
+        self.groups, self.stride, self.dilation = geom.groups, geom.stride, geom.dilation
+        self.pads, self.padding_mode = geom.pads, geom.padding_mode
+        self.sizes = tuple(tuple(int(n) for n in s) for s in sizes)
+        for n in self.sizes:
+            geom.check_input(n, name)
+        self.kind += "@" + ",".join("x".join(map(str, n)) for n in self.sizes)
+
+    def _map(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transform(self, weight: torch.Tensor) -> torch.Tensor:
+        # never under autocast: eval mode bounds this map's output once and applies it later
+        with _autocast_off(weight.device.type):
+            return self._map(weight.to(compute_dtype(weight))).to(weight.dtype)
+
+    def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
+        return TrainBound(torch.ones((), dtype=compute_dtype(weight), device=weight.device), None)
+
+    def exact_bound(self, weight: torch.Tensor) -> float:
+        geom = ConvGeometry(weight, self.groups, self.stride, self.dilation, self.pads, self.padding_mode)
+        return spatial_bound(geom, self.sizes, self.name)
+
+    def rounding_terms(self, weight: torch.Tensor) -> float:
+        return spatial_rounding_terms(weight, self.groups)
+
+    def _apply(self, fn, recurse=True):
+        return keep_wide(self, self._wide, lambda: super(_SpatialGNP, self)._apply(fn, recurse))
+
+
+class AOLConvNormalization(_SpatialGNP):
+    """Spatial convs kept whole: ``W -> K * W D`` (AOL for convolutions, :func:`aol_conv`)."""
+
+    kind = "aol-conv"
+
+    def _map(self, weight: torch.Tensor) -> torch.Tensor:
+        return aol_conv(weight, self.groups)
+
+
+class OrthogonalConvNormalization(_SpatialGNP):
+    """Spatial convs kept whole: ``W -> K * BCOP kernel``, an isometry or co-isometry on the whole
+    grid (per group) for every value of the parameters.
+
+    Parameters: H's Cayley parameter is the centre tap of ``weight`` (the other taps are unused
+    and zeroed); ``projectors`` (groups, m, c, c), c = max(Cout, Cin) per group, m = sum(k - 1),
+    parametrizes the blocks' projectors around the buffer ``projector_base``. At registration H's
+    base becomes the completed polar factor of the kernel's tap sum (its response to a constant
+    image) and every parameter 0: the layer starts as H at the centre tap (delta-orthogonal).
+    """
+
+    kind = "orthogonal-conv(bcop)"
+    _wide = ("base", "projector_base")
+
+    def __init__(self, conv: nn.Module, sizes: Sequence[Sequence[int]], K: float, scaling: str = "hard",
+                 s_init: float = 3.0, name: str = "") -> None:
+        super().__init__(conv, sizes, K, scaling, s_init, name)
+        weight = conv.weight
+        cout, cin_g = weight.shape[:2]
+        self.kernel_size = tuple(weight.shape[2:])
+        cout_g = cout // self.groups
+        c = max(cout_g, cin_g)
+        dtype = compute_dtype(weight)
+        taps = tuple(range(2, weight.dim()))
+        h = weight.detach().sum(taps).reshape(self.groups, cout_g, cin_g)
+        self.register_buffer("base", completed_polar(h if cout_g >= cin_g else h.mT).to(dtype))
+        bases, ranks = _delta_start(self.groups, c, self.kernel_size)
+        self.register_buffer("projector_base", bases.to(device=weight.device, dtype=dtype))
+        masks = (torch.arange(c)[None, :] < ranks[:, None]).to(device=weight.device, dtype=dtype)
+        self.register_buffer("_masks", masks, persistent=False)
+        self.projectors = nn.Parameter(weight.new_zeros(bases.shape))
+        with torch.no_grad():
+            weight.zero_()
+
+    def transform_state(self) -> tuple:
+        return (self.base, self.projector_base, self.projectors)
+
+    def _map(self, weight: torch.Tensor) -> torch.Tensor:
+        cout, cin_g = weight.shape[:2]
+        cout_g = cout // self.groups
+        centre = weight[(slice(None), slice(None)) + tuple(k // 2 for k in self.kernel_size)]
+        h = stiefel(self.base, centre.reshape(self.groups, cout_g, cin_g))
+        q = stiefel(self.projector_base, self.projectors.to(weight.dtype))
+        p = (q * self._masks.to(q.dtype)[:, None, :]) @ q.mT  # orthogonal projectors of the masks' ranks
+        u = block_kernel(p, self.kernel_size)
+        if cout_g >= cin_g:  # isometry: the blocks act on the output side, after H
+            w = torch.einsum("goj...,gji->goi...", u, h)
+        else:  # co-isometry: on the input side, before H
+            w = torch.einsum("goj,gji...->goi...", h, u)
+        return w.reshape(weight.shape)
