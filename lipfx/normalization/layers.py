@@ -90,7 +90,38 @@ class MatrixNormalization(LipschitzNormalization):
 _PRECISE = ("_pairs", "_cosines", "_vals", "_slack", "spectral_v", "_prev")
 
 
-class ConvNormalization(LipschitzNormalization):
+class SpatialConvFrame:
+    """What every spatial conv's normalization is bounded by: the conv's geometry and the input
+    sizes it is used at. Mixed in before :class:`LipschitzNormalization`; provides the eval-mode
+    ``exact_bound`` (FFT / polyphase, the max over the sizes) and ``rounding_terms``."""
+
+    def _set_frame(self, conv: nn.Module, sizes: Sequence[Sequence[int]], name: str) -> ConvGeometry:
+        geom = conv_geometry(conv, name)
+        self.groups, self.stride, self.dilation = geom.groups, geom.stride, geom.dilation
+        self.pads, self.padding_mode = geom.pads, geom.padding_mode
+        self.sizes = tuple(tuple(int(n) for n in s) for s in sizes)
+        for n in self.sizes:
+            geom.check_input(n, name)
+        return geom
+
+    def _sizes_label(self) -> str:
+        return ",".join("x".join(map(str, n)) for n in self.sizes)
+
+    def _geometry(self, weight: torch.Tensor) -> ConvGeometry:
+        return ConvGeometry(weight, self.groups, self.stride, self.dilation, self.pads, self.padding_mode)
+
+    def exact_bound(self, weight: torch.Tensor) -> float:
+        geom = self._geometry(weight)
+        return max(conv_bound(geom, n, self.name) for n in self.sizes)
+
+    def rounding_terms(self, weight: torch.Tensor) -> float:
+        # ||op(E)|| <= sum over taps ||E_t||_F <= taps * sqrt(rank) * u * max_t ||W_t||_2, and
+        # every tap's matrix norm is at most the operator norm.
+        rows, cols = weight.shape[0] // self.groups, weight.shape[1]
+        return math.prod(weight.shape[2:]) * math.sqrt(min(rows, cols))
+
+
+class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
     """Depthwise and other spatial convs: the FFT / polyphase bound at the input resolution(s).
 
     ``sizes``: the spatial input sizes the layer is used at (one per call site); the bound is
@@ -104,17 +135,12 @@ class ConvNormalization(LipschitzNormalization):
     def __init__(self, conv: nn.Module, sizes: Sequence[Sequence[int]], K: float, scaling: str = "hard",
                  s_init: float = 3.0, name: str = "", power_iters: int = POWER_ITERS) -> None:
         super().__init__(K, scaling, s_init, name)
-        geom = conv_geometry(conv, name)
-        self.groups, self.stride, self.dilation = geom.groups, geom.stride, geom.dilation
-        self.pads, self.padding_mode = geom.pads, geom.padding_mode
-        self.sizes = tuple(tuple(int(n) for n in s) for s in sizes)
-        for n in self.sizes:
-            geom.check_input(n, name)
+        geom = self._set_frame(conv, sizes, name)
         self.power_iters = check_power_iters(power_iters, name)
         weight = conv.weight.detach()
         cout_g, phases = weight.shape[0] // self.groups, math.prod(self.stride)
         self.dense = min(cout_g, weight.shape[1] * phases) > 1
-        self.kind = "fft@" + ",".join("x".join(map(str, n)) for n in self.sizes)
+        self.kind = "fft@" + self._sizes_label()
         rows, taps = cout_g * weight.shape[1], math.prod(weight.shape[2:])
         self._chunks: list = []  # per size: None (whole spectrum by the cosine table) or blocks per step
         for i, n in enumerate(self.sizes):
@@ -156,9 +182,6 @@ class ConvNormalization(LipschitzNormalization):
             if after.dtype != dtype:
                 self._buffers[name] = before.to(device=after.device, dtype=dtype)
         return out
-
-    def _geometry(self, weight: torch.Tensor) -> ConvGeometry:
-        return ConvGeometry(weight, self.groups, self.stride, self.dilation, self.pads, self.padding_mode)
 
     def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
         """The FFT bound over the whole spectrum at every input size, as a 0-d tensor whose
@@ -268,25 +291,6 @@ class ConvNormalization(LipschitzNormalization):
         for n in stale:
             state_dict[prefix + n] = getattr(self, n)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
-    def exact_bound(self, weight: torch.Tensor) -> float:
-        return spatial_bound(self._geometry(weight), self.sizes, self.name)
-
-    def rounding_terms(self, weight: torch.Tensor) -> float:
-        return spatial_rounding_terms(weight, self.groups)
-
-
-def spatial_bound(geom: ConvGeometry, sizes: Sequence[Sequence[int]], name: str) -> float:
-    """A spatial conv's certified norm: the FFT / polyphase bound, the max over its input sizes."""
-    return max(conv_bound(geom, n, name) for n in sizes)
-
-
-def spatial_rounding_terms(weight: torch.Tensor, groups: int) -> float:
-    """``rounding_terms`` of a conv kernel (see LipschitzNormalization)."""
-    # ||op(E)|| <= sum over taps ||E_t||_F <= taps * sqrt(rank) * u * max_t ||W_t||_2, and
-    # every tap's matrix norm is at most the operator norm.
-    rows, cols = weight.shape[0] // groups, weight.shape[1]
-    return math.prod(weight.shape[2:]) * math.sqrt(min(rows, cols))
 
 
 class DiagonalNormalization(LipschitzNormalization):

@@ -11,8 +11,8 @@ Both are differentiable maps computed on every training forward, with no host re
 the base class divides by the *certified* norm of the mapped weight where it exceeds 1 (float
 round-off), so each layer's norm is <= K exactly there and the eval network is the trained one.
 Iterative orthogonalization (Björck steps after AOL) was measured and dropped: under Adam the raw
-weight drifts until a fixed number of steps no longer converges (max |sigma - 1| = 0.95 after 100 steps at lr 1e-2, docs/benchmarks.md); the Cayley
-map is orthogonal whatever the parameter is.
+weight drifts until a fixed number of steps no longer converges (max |sigma - 1| = 0.95 after 100
+steps at lr 1e-2, docs/benchmarks.md); the Cayley map is orthogonal whatever the parameter is.
 """
 
 from __future__ import annotations

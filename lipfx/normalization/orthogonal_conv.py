@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import ArgumentError
 from ..norms.geometry import ConvGeometry, conv_geometry
 from .base import LipschitzNormalization, _autocast_off, compute_dtype
-from .layers import spatial_bound, spatial_rounding_terms
+from .layers import SpatialConvFrame
 from .orthogonal import completed_polar, keep_wide, stiefel
 from .rescale import TrainBound
 
@@ -95,18 +95,15 @@ def block_kernel(projectors: torch.Tensor, kernel_size: Sequence[int]) -> torch.
     u = eye.expand(g, c, c).reshape(g, c, c, *(1,) * nd)
     j = 0
     for d, k in enumerate(kernel_size):
-        grow = [0, 0] * nd
+        at = 2 * (nd - 1 - d)  # F.pad lists the last dim first
+        after, before = [0] * (2 * nd), [0] * (2 * nd)  # one more tap along dim d, at its end / start
+        after[at + 1] = before[at] = 1
         for _ in range(k - 1):
             p = projectors[:, j]
             j += 1
-            first = torch.einsum("goi...,gij->goj...", u, p)
-            second = torch.einsum("goi...,gij->goj...", u, eye - p)
-            at = 2 * (nd - 1 - d)  # F.pad lists the last dim first
-            grow[at], grow[at + 1] = 0, 1
-            first = F.pad(first, grow)
-            grow[at], grow[at + 1] = 1, 0
-            u = first + F.pad(second, grow)
-            grow[at] = 0
+            # (u o [P, I - P])[v] = u[v] P + u[v - 1] (I - P)
+            u = (F.pad(torch.einsum("goi...,gij->goj...", u, p), after)
+                 + F.pad(torch.einsum("goi...,gij->goj...", u, eye - p), before))
     return u
 
 
@@ -131,7 +128,7 @@ def _delta_start(groups: int, c: int, kernel_size: Sequence[int]) -> tuple[torch
     return torch.stack(bases, 1), torch.tensor(ranks)
 
 
-class _SpatialGNP(LipschitzNormalization):
+class _SpatialGNP(SpatialConvFrame, LipschitzNormalization):
     """A spatial conv whose mapped kernel has norm <= 1 by construction: training mode has
     nothing to bound (bound 1, no state, no host read); eval mode certifies it by FFT."""
 
@@ -141,16 +138,11 @@ class _SpatialGNP(LipschitzNormalization):
     def __init__(self, conv: nn.Module, sizes: Sequence[Sequence[int]], K: float, scaling: str = "hard",
                  s_init: float = 3.0, name: str = "") -> None:
         super().__init__(K, scaling, s_init, name)
-        geom = conv_geometry(conv, name)
-        reason = gnp_conv_reason(geom)
+        reason = gnp_conv_reason(conv_geometry(conv, name))
         if reason is not None:
             raise ArgumentError(f"'{name}' cannot take a gradient-norm-preserving kernel: {reason}")
-        self.groups, self.stride, self.dilation = geom.groups, geom.stride, geom.dilation
-        self.pads, self.padding_mode = geom.pads, geom.padding_mode
-        self.sizes = tuple(tuple(int(n) for n in s) for s in sizes)
-        for n in self.sizes:
-            geom.check_input(n, name)
-        self.kind += "@" + ",".join("x".join(map(str, n)) for n in self.sizes)
+        self._set_frame(conv, sizes, name)
+        self.kind += "@" + self._sizes_label()
 
     def _map(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -162,13 +154,6 @@ class _SpatialGNP(LipschitzNormalization):
 
     def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
         return TrainBound(torch.ones((), dtype=compute_dtype(weight), device=weight.device), None)
-
-    def exact_bound(self, weight: torch.Tensor) -> float:
-        geom = ConvGeometry(weight, self.groups, self.stride, self.dilation, self.pads, self.padding_mode)
-        return spatial_bound(geom, self.sizes, self.name)
-
-    def rounding_terms(self, weight: torch.Tensor) -> float:
-        return spatial_rounding_terms(weight, self.groups)
 
     def _apply(self, fn, recurse=True):
         return keep_wide(self, self._wide, lambda: super(_SpatialGNP, self)._apply(fn, recurse))
