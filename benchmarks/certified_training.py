@@ -37,7 +37,7 @@ from torch import nn
 import lipfx
 import lipfx.activations
 from lipfx.layers import L2Pool
-from lipfx.robust import certified_radius, margin_loss
+from lipfx.robust import certified_radius, final_linear, margin_loss
 
 RADII = (0.1, 0.3, 0.5)
 TRAIN_RADIUS = 0.5
@@ -122,13 +122,24 @@ def methods(width: int) -> dict[str, tuple[Callable[[], nn.Module], float]]:
 
 
 # --- training and evaluation --------------------------------------------------------------------
-def train(make: Callable[[], nn.Module], data, lr: float, epochs: int, seed: int) -> tuple[nn.Module, float, bool]:
-    """(network, seconds per epoch, finite): Adam, margin loss with L = 1 at TRAIN_RADIUS."""
+def margin(net: nn.Module, logits: torch.Tensor, y: torch.Tensor, progress: float) -> torch.Tensor:
+    """The benchmark's loss: margin loss with L = 1 at TRAIN_RADIUS throughout."""
+    return margin_loss(logits, y, radius=TRAIN_RADIUS, lipschitz=1.0, temperature=TEMPERATURE)
+
+
+Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def train(make: Callable[[], nn.Module], data, lr: float, epochs: int, seed: int,
+          loss_fn: Loss = margin) -> tuple[nn.Module, float, bool]:
+    """(network, seconds per epoch, finite): Adam, one-cycle; ``loss_fn(net, logits, y, progress)``
+    with progress the fraction of steps done (default: margin loss with L = 1 at TRAIN_RADIUS)."""
     torch.manual_seed(seed)
     net = make()
     x, y = data["train"]
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * math.ceil(len(y) / BATCH))
+    step, total = 0, epochs * math.ceil(len(y) / BATCH)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
     g = torch.Generator().manual_seed(seed)
     finite = True
     net.train()
@@ -137,7 +148,8 @@ def train(make: Callable[[], nn.Module], data, lr: float, epochs: int, seed: int
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), BATCH):
             idx = perm[i:i + BATCH]
-            loss = margin_loss(net(x[idx]), y[idx], radius=TRAIN_RADIUS, lipschitz=1.0, temperature=TEMPERATURE)
+            loss = loss_fn(net, net(x[idx]), y[idx], step / total)
+            step += 1
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -150,28 +162,66 @@ def train(make: Callable[[], nn.Module], data, lr: float, epochs: int, seed: int
     return net.eval(), (time.perf_counter() - start) / epochs, finite
 
 
-def empirical_lipschitz(net: nn.Module, x: torch.Tensor, steps: int = 200) -> float:
-    """A lower bound on the Lipschitz constant: the largest of the Jacobian norms at the points
-    (exact SVD of each classes x inputs Jacobian) and of secant quotients pushed up by Adam from
-    pairs around the points, each pair 0.05 apart along the point's top right singular vector
-    (200 steps from there find 2-3% more than 60 from random pairs did). Plain autograd: the
-    peers update buffers in place."""
+def empirical_lipschitz(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, steps: int = 200) -> torch.Tensor:
+    """Per point, a lower bound on the Lipschitz constant of ``fn`` (a map whose samples do not
+    interact, as a network in eval mode): the larger of the exact Jacobian norm at the point (SVD
+    of the outputs x inputs Jacobian) and of secant quotients pushed up by Adam from a pair
+    around it, 0.05 apart along the point's top right singular vector (200 steps from there find
+    2-3% more than 60 from random pairs did). Plain autograd: the peers update buffers in place."""
     x = x.clone().requires_grad_(True)
-    out = net(x)
+    out = fn(x).flatten(1)
     rows = [torch.autograd.grad(out[:, k].sum(), x, retain_graph=True)[0].flatten(1) for k in range(out.shape[1])]
-    jac = torch.stack(rows, 1).double()  # (batch, classes, inputs); eval mode: samples do not interact
-    _, sigma, vh = torch.linalg.svd(jac, full_matrices=False)
-    best = float(sigma[:, 0].max())
+    _, sigma, vh = torch.linalg.svd(torch.stack(rows, 1).double(), full_matrices=False)
+    best = sigma[:, 0].float()
     a = x.detach().clone().requires_grad_(True)
     b = (a.detach() + 0.05 * vh[:, 0].reshape(a.shape).to(a.dtype)).requires_grad_(True)
     opt = torch.optim.Adam([a, b], lr=3e-2)
     for _ in range(steps):
-        quotient = (net(a) - net(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1).clamp_min(1e-6)
-        best = max(best, float(quotient.detach().max()))
+        quotient = (fn(a) - fn(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1).clamp_min(1e-6)
+        best = torch.maximum(best, quotient.detach())
         opt.zero_grad()
         (-quotient.sum()).backward()
         opt.step()
     return best
+
+
+def tightness(net: nn.Module, cert: lipfx.Certificate, x: torch.Tensor) -> dict[str, float]:
+    """The certified constants over empirical lower bounds of the same maps (all >= 1 when sound):
+    - "L/emp": the whole network (L includes the last layer's matrix norm, which radii never use);
+    - "feat/emp": the features phi that enter the last linear layer W;
+    - "pair/emp": per point, the pair (prediction t, class j) that decides its radius, the j
+      with the smallest (f_t - f_j) / K_tj: the constant K_tj = L_phi ||w_t - w_j|| over a
+      lower bound for f_t - f_j (the largest over the points with that pair), averaged over the
+      points."""
+    out = {"L/emp": cert.bound / float(empirical_lipschitz(net, x).max())}
+    found = final_linear(net, cert)
+    if found is None:
+        return out
+    weight, l_phi = found
+    last = net.get_submodule(cert.record(cert.records[-1].inputs[0]).target)
+    seen: list[torch.Tensor] = []
+    hook = last.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0]))
+    try:
+        def features(z: torch.Tensor) -> torch.Tensor:
+            seen.clear()
+            net(z)
+            return seen[-1]
+        out["feat/emp"] = l_phi / float(empirical_lipschitz(features, x).max())
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        logits = net(x)
+    pair = l_phi * torch.cdist(weight, weight)
+    t = logits.argmax(1)
+    ratio = (logits.gather(1, t[:, None]) - logits).double() / pair[t].clamp_min(1e-300)
+    j = ratio.scatter(1, t[:, None], math.inf).argmin(1)
+    lo, hi = torch.minimum(t, j), torch.maximum(t, j)
+    d = F.one_hot(lo, logits.shape[1]).to(x) - F.one_hot(hi, logits.shape[1]).to(x)
+    emp = empirical_lipschitz(lambda z: (net(z) * d).sum(1, keepdim=True), x).double()
+    key = lo * logits.shape[1] + hi
+    per_pair = torch.zeros(logits.shape[1] ** 2, dtype=torch.float64).scatter_reduce(0, key, emp, "amax")
+    out["pair/emp"] = float((pair[lo, hi] / per_pair[key]).mean())
+    return out
 
 
 def pgd_flips(net: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor, steps: int = 30) -> int:
@@ -257,7 +307,7 @@ def evaluate(net: nn.Module, data, claimed: float) -> dict[str, float]:
         out["own@0.3"] = float((own >= 0.3).float().mean())
         out["own flips"] = pgd_flips(net, x, y, own)
     out["L"] = cert.bound
-    out["L/emp"] = cert.bound / empirical_lipschitz(net, x[:200])
+    out.update(tightness(net, cert, x[:200]))
     out["pgd flips"] = pgd_flips(net, x, y, radius)
     return out
 
@@ -265,8 +315,8 @@ def evaluate(net: nn.Module, data, claimed: float) -> dict[str, float]:
 def run(name: str, data, width: int, epochs: int, seeds: int, only: tuple[str, ...] = ()) -> None:
     print(f"\n## {name}: width {width}, {epochs} epochs, batch {BATCH}, Adam (one-cycle), margin loss at radius "
           f"{TRAIN_RADIUS} (L = 1, temperature {TEMPERATURE}), lr from {LRS} on the validation split, {seeds} seeds\n")
-    header = ["method", "lr", "clean"] + [f"cert@{r}" for r in RADII] + ["own@0.3", "L", "L/emp", "s/epoch", "pgd flips",
-                                                                         "own flips", "NaN runs"]
+    header = (["method", "lr", "clean"] + [f"cert@{r}" for r in RADII]
+              + ["own@0.3", "L", "L/emp", "feat/emp", "pair/emp", "s/epoch", "pgd flips", "own flips", "NaN runs"])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for label, (make, claimed) in methods(width).items():
@@ -290,7 +340,7 @@ def run(name: str, data, width: int, epochs: int, seeds: int, only: tuple[str, .
             vals = [r[k] for r in rows if k in r]
             return statistics.fmean(vals) if vals else math.nan
         cells = [label, f"{lr:g}", f"{mean('clean'):.3f}"] + [f"{mean(f'cert@{r}'):.3f}" for r in RADII]
-        cells += [f"{mean('own@0.3'):.3f}" if math.isfinite(claimed) else "-", f"{mean('L'):.4f}", f"{mean('L/emp'):.3f}",
+        cells += [f"{mean('own@0.3'):.3f}" if math.isfinite(claimed) else "-", f"{mean('L'):.4f}", f"{mean('L/emp'):.3f}", f"{mean('feat/emp'):.3f}", f"{mean('pair/emp'):.3f}",
                   f"{statistics.fmean(times):.2f}", str(sum(r["pgd flips"] for r in rows)),
                   str(sum(r["own flips"] for r in rows)) if math.isfinite(claimed) else "-", str(nans)]
         print("| " + " | ".join(cells) + " |", flush=True)

@@ -73,6 +73,45 @@ def test_bcop_circular_conv_is_an_isometry_or_co_isometry(dims, cin, cout, k, kw
     assert float((s - 1).abs().max()) < 1e-5, (float(s.min()), float(s.max()))
 
 
+# (dims, in, out, kernel, stride, groups, torus size): co-isometries (R wide), isometries (R tall),
+# groups, a 1x2 stride, 1d and 3d
+_STRIDED = [
+    (2, 4, 8, 3, 2, 1, (8, 6)), (2, 2, 3, 3, 2, 1, (6, 8)), (2, 4, 20, 3, 2, 1, (6, 6)), (2, 4, 6, 3, 2, 2, (8, 6)),
+    (2, 4, 6, 4, (1, 2), 1, (5, 6)), (1, 3, 5, 3, 2, 1, (10,)), (3, 2, 8, 2, 2, 1, (4, 2, 4)),
+]
+
+
+@pytest.mark.parametrize("dims, cin, cout, k, stride, groups, size", _STRIDED)
+def test_strided_bcop_is_an_isometry_or_co_isometry_as_a_strided_conv(dims, cin, cout, k, stride, groups, size):
+    """A strided conv gets U (BCOP blocks) then R on disjoint stride-sized patches: on a torus
+    whose sides the stride divides, the strided conv itself (not the stride-1 conv it
+    subsamples) has every singular value 1, so the network's bound composes without loss."""
+    conv = CONV[dims](cin, cout, k, stride=stride, padding=k // 2, groups=groups)
+    p = bcop(conv, size)
+    assert p.patch == conv.stride and "strided" in p.kind
+    w = p.transform(conv.parametrizations.weight.original).detach().double()
+    pads = [q for kk, s in zip(reversed(conv.kernel_size), reversed(conv.stride)) for q in (kk - s, 0)]
+    conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    torus = lambda t: conv_fn(F.pad(t, pads, mode="circular"), w, stride=conv.stride, groups=groups)  # noqa: E731
+    matrix = dense_matrix(torus, (cin, *size))
+    s = torch.linalg.svdvals(matrix)
+    assert s.shape[0] == min(matrix.shape)
+    assert float((s - 1).abs().max()) < 1e-5, (float(s.min()), float(s.max()))
+    zero_padded = torch.linalg.svdvals(dense(conv, w, size))
+    assert float(zero_padded.max()) <= 1 + 1e-6
+
+
+def test_strided_convs_that_keep_the_subsampled_kernel():
+    """Dilated, kernel smaller than the stride, or circular padding (whose wrap would put
+    patches on top of each other): the stride-1 construction, subsampled, norm <= 1."""
+    for conv in (nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2), nn.Conv2d(4, 8, 1, stride=2),
+                 nn.Conv2d(4, 8, 3, stride=2, padding=1, padding_mode="circular")):
+        p = bcop(conv, (7, 7))
+        assert p.patch is None and "strided" not in p.kind
+        w = p.transform(conv.parametrizations.weight.original).detach()
+        assert float(torch.linalg.svdvals(dense(conv, w, (7, 7))).max()) <= 1 + 1e-6
+
+
 @pytest.mark.parametrize("kw, size", [(dict(padding=1), (6, 6)), (dict(stride=2, padding=1), (8, 8)),
                                       (dict(padding=2, dilation=2), (7, 5)), (dict(padding=0), (6, 6))])
 def test_bcop_zero_padded_conv_is_bounded_by_one_and_nearly_attains_it(kw, size):

@@ -22,6 +22,7 @@ by nothing otherwise: the eval network is the trained one, every layer's norm <=
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import torch
@@ -107,6 +108,35 @@ def block_kernel(projectors: torch.Tensor, kernel_size: Sequence[int]) -> torch.
     return u
 
 
+def _patch(geom: ConvGeometry) -> Optional[tuple[int, ...]]:
+    """The stride, where a strided conv takes the patch construction (:func:`strided_kernel`):
+    undilated, every kernel dim at least its stride, and zero padding (or none), under which the
+    layer is a crop of the whole-grid strided conv. None: the kernel is built as for stride 1
+    and the stride subsamples it (still norm <= 1, but no longer norm-preserving)."""
+    if all(s == 1 for s in geom.stride) or any(d != 1 for d in geom.dilation):
+        return None
+    if any(k < s for k, s in zip(geom.kernel_size, geom.stride)):
+        return None
+    if geom.padding_mode != "zeros" and any(lo or hi for lo, hi in geom.pads):
+        return None
+    return geom.stride
+
+
+def strided_kernel(r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The kernel (groups, Cout/g, c, *(k' + s - 1)) of ``R o U`` for a conv with stride s: U
+    (groups, c, c, *k') a stride-1 kernel (the BCOP blocks), R (groups, Cout/g, c, *s) a kernel
+    of one stride-sized patch. With stride s, R reads U's output on disjoint patches, so where
+    R's matrix (Cout/g, c * prod(s)) is (semi-)orthogonal, the whole-grid strided conv is a
+    co-isometry (or an isometry) like U (AOC, Boissin et al. 2025)."""
+    s = r.shape[3:]
+    terms = []
+    for tap in itertools.product(*(range(n) for n in s)):
+        # R's tap t reads U's output t pixels on: its product with U, shifted by t
+        pads = [p for t, n in zip(reversed(tap), reversed(s)) for p in (t, n - 1 - t)]
+        terms.append(F.pad(torch.einsum("gom,gmi...->goi...", r[(slice(None),) * 3 + tap], u), pads))
+    return torch.stack(terms).sum(0)
+
+
 def _delta_start(groups: int, c: int, kernel_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Projector bases (groups, m, c, c) and ranks (m,) such that each dim's blocks come in
     complementary pairs: ``(P + (I - P) z)((I - P) + P z) = z``, so the parameters at 0 give the
@@ -188,13 +218,20 @@ class OrthogonalConvNormalization(_SpatialGNP):
         weight = conv.weight
         cout, cin_g = weight.shape[:2]
         self.kernel_size = tuple(weight.shape[2:])
+        self.patch = _patch(conv_geometry(conv, name))
         cout_g = cout // self.groups
-        c = max(cout_g, cin_g)
         dtype = compute_dtype(weight)
         taps = tuple(range(2, weight.dim()))
-        h = weight.detach().sum(taps).reshape(self.groups, cout_g, cin_g)
-        self.register_buffer("base", completed_polar(h if cout_g >= cin_g else h.mT).to(dtype))
-        bases, ranks = _delta_start(self.groups, c, self.kernel_size)
+        if self.patch is None:
+            c, blocks = max(cout_g, cin_g), self.kernel_size
+            h = weight.detach().sum(taps).reshape(self.groups, cout_g, cin_g)
+        else:  # blocks on the input channels, then R on each stride-sized patch
+            c, blocks = cin_g, tuple(k - s + 1 for k, s in zip(self.kernel_size, self.patch))
+            h = self._patch_param(weight.detach())
+            self.kind = self.kind.replace("(bcop)", "(bcop, strided)")
+        self.blocks = blocks
+        self.register_buffer("base", completed_polar(h if h.shape[-2] >= h.shape[-1] else h.mT).to(dtype))
+        bases, ranks = _delta_start(self.groups, c, blocks)
         self.register_buffer("projector_base", bases.to(device=weight.device, dtype=dtype))
         masks = (torch.arange(c)[None, :] < ranks[:, None]).to(device=weight.device, dtype=dtype)
         self.register_buffer("_masks", masks, persistent=False)
@@ -205,14 +242,24 @@ class OrthogonalConvNormalization(_SpatialGNP):
     def transform_state(self) -> tuple:
         return (self.base, self.projector_base, self.projectors)
 
+    def _patch_param(self, weight: torch.Tensor) -> torch.Tensor:
+        """R's parameter (groups, Cout/groups, Cin/groups * prod(stride)): the kernel's first
+        stride-many taps along each dim (the other taps are unused)."""
+        corner = weight[(slice(None), slice(None)) + tuple(slice(0, s) for s in self.patch)]
+        cout, cin_g = weight.shape[:2]
+        return corner.reshape(self.groups, cout // self.groups, cin_g * corner[0, 0].numel())
+
     def _map(self, weight: torch.Tensor) -> torch.Tensor:
         cout, cin_g = weight.shape[:2]
         cout_g = cout // self.groups
-        centre = weight[(slice(None), slice(None)) + tuple(k // 2 for k in self.kernel_size)]
-        h = stiefel(self.base, centre.reshape(self.groups, cout_g, cin_g))
         q = stiefel(self.projector_base, self.projectors.to(weight.dtype))
         p = (q * self._masks.to(q.dtype)[:, None, :]) @ q.mT  # orthogonal projectors of the masks' ranks
-        u = block_kernel(p, self.kernel_size)
+        u = block_kernel(p, self.blocks)
+        if self.patch is not None:
+            r = stiefel(self.base, self._patch_param(weight))
+            return strided_kernel(r.reshape(self.groups, cout_g, cin_g, *self.patch), u).reshape(weight.shape)
+        centre = weight[(slice(None), slice(None)) + tuple(k // 2 for k in self.kernel_size)]
+        h = stiefel(self.base, centre.reshape(self.groups, cout_g, cin_g))
         if cout_g >= cin_g:  # isometry: the blocks act on the output side, after H
             w = torch.einsum("goj...,gji->goi...", u, h)
         else:  # co-isometry: on the input side, before H
