@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import lipfx
+from reference import dense_matrix
 from steps import assert_round_trip, host_reads_while_training
 from lipfx.layers import L2Pool, Shift
 from lipfx.normalization.orthogonal import AOLNormalization, OrthogonalNormalization, aol_rescale, cayley, skew_from_columns
@@ -397,3 +398,45 @@ def test_orthogonal_stays_orthogonal_for_large_parameters(n, scale):
         layer.parametrizations.weight.original.normal_().mul_(scale)
     s = singular_values(layer.weight)
     assert float(s.max()) <= 1 + 1e-6 and float(s.min()) >= 1 - 1e-4
+
+
+@pytest.mark.parametrize("shape", [(3, 24), (24, 3), (4, 27), (5, 5)])
+def test_orthogonal_never_exceeds_K_for_huge_parameters(shape):
+    """Entries ~1e7 make the float32 solve O(1) off for elongated or odd-sized matrices (found
+    by an attack: a 3 x 24 layer measured norm 23.5, its unscaled Björck step enlarging every
+    singular value above sqrt(3)); the scaled step keeps the layer at most K whatever the
+    parameter, the training-mode claim."""
+    torch.manual_seed(0)
+    layer = nn.Linear(shape[1], shape[0], bias=False)
+    parametrize.register_parametrization(layer, "weight", OrthogonalNormalization(layer.weight, 1, 1.0))
+    for scale in (1e7, 1e8, 1e12):
+        with torch.no_grad():
+            layer.parametrizations.weight.original.copy_(scale * torch.randn(shape))
+        s = singular_values(layer.weight)
+        assert torch.isfinite(s).all() and float(s.max()) <= 1 + 1e-6, (scale, float(s.max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_eval_weight_is_one_tensor_with_or_without_gradients(dtype):
+    """Eval mode built its weight with gradients (scale rounded to the dtype first) and without
+    (a Python float) by two expressions: in float16 they differed, and the certificate, taken
+    with gradients on, bounded a weight 5e-5 below the one inference used (found by an attack).
+    Both paths are now one expression, and the certificate covers the weight inference uses."""
+    torch.manual_seed(0)
+    x0 = torch.zeros(1, 3, 8, 8)
+    gm = lipfx.convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)), x0, separable=None, constraint="orthogonal")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.copy_(3 * torch.randn(p.shape, generator=g))
+    gm = gm.to(dtype).eval()
+    conv = next(m for m in gm.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        cached = conv.weight.detach().clone()
+    assert torch.equal(conv.weight.detach(), cached)  # the gradient path
+    bound = lipfx.certificate(gm, x0.to(dtype)).bound
+    plain = nn.Conv2d(3, 8, 3, padding=1, bias=False).double()
+    with torch.no_grad():
+        plain.weight.copy_(cached.double())
+    true = float(torch.linalg.matrix_norm(dense_matrix(plain, (3, 8, 8)), 2))
+    assert true <= bound

@@ -101,12 +101,20 @@ class LipschitzNormalization(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in trainable)
         if needs_grad:
             # The exact bound is a constant here: gradients reach W (and s), not through the bound.
-            return self.transform(weight) * (self.scale().to(weight.dtype) * factor)
+            return self._eval_weight(weight, factor)
         if self._cache_weight is None or self._cache_weight_key != self._cache_key:
             with torch.no_grad():
-                self._cache_weight = self.transform(weight.detach()) * (float(self.scale()) * factor)
+                self._cache_weight = self._eval_weight(weight.detach(), factor)
             self._cache_weight_key = self._cache_key
         return self._cache_weight
+
+    def _eval_weight(self, weight: torch.Tensor, factor: float) -> torch.Tensor:
+        """The eval-mode weight, one expression for both paths: with and without gradients the
+        weight must be the same tensor, bit for bit (in float16 a scale rounded to the dtype
+        first differed by 5e-4, so a certificate taken with gradients on missed the cached weight
+        that inference used). The product is taken in float32 or wider and rounded once."""
+        wide = compute_dtype(weight)
+        return (self.transform(weight).to(wide) * (self.scale().to(wide) * factor)).to(weight.dtype)
 
     def _train_forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The training-mode weight: device tensors and static control flow only (no value is

@@ -10,7 +10,10 @@ for convs with a spatial kernel (docs/math.md, section 16).
   symbol ``P + (I - P) e^{iw}`` is unitary at every frequency, so on the whole grid, and on any
   torus, the conv is an isometry (more output channels) or a co-isometry (fewer). Every matrix
   comes from the Cayley map of :mod:`.orthogonal`, so this holds for every value of the
-  parameters. The k x k kernel keeps the layer an ordinary conv: the graph does not change.
+  parameters. The k x k kernel keeps the layer an ordinary conv: the graph does not change. A
+  strided conv gets the blocks then an orthogonal map of each stride-sized patch
+  (:func:`strided_kernel`), so that the strided conv itself, not only the conv it subsamples, is
+  an isometry or co-isometry.
 
 Both claim norm <= 1 in training mode, which holds for zero padding with any stride and dilation
 (the layer is a crop of the whole-grid conv, subsampled) and for circular padding that wraps at
@@ -102,9 +105,9 @@ def block_kernel(projectors: torch.Tensor, kernel_size: Sequence[int]) -> torch.
         for _ in range(k - 1):
             p = projectors[:, j]
             j += 1
-            # (u o [P, I - P])[v] = u[v] P + u[v - 1] (I - P)
-            u = (F.pad(torch.einsum("goi...,gij->goj...", u, p), after)
-                 + F.pad(torch.einsum("goi...,gij->goj...", u, eye - p), before))
+            # (u o [P, I - P])[v] = u[v] P + u[v - 1] (I - P), and u (I - P) = u - u P
+            up = torch.einsum("goi...,gij->goj...", u, p)
+            u = F.pad(up, after) + F.pad(u - up, before)
     return u
 
 
@@ -203,7 +206,8 @@ class OrthogonalConvNormalization(_SpatialGNP):
     grid (per group) for every value of the parameters.
 
     Parameters: H's Cayley parameter is the centre tap of ``weight`` (the other taps are unused
-    and zeroed); ``projectors`` (groups, m, c, c), c = max(Cout, Cin) per group, m = sum(k - 1),
+    and zeroed; for a strided conv taking :func:`strided_kernel`, ``patch`` set, R's parameter is
+    its first stride-many taps per dim, and c = Cin/groups); ``projectors`` (groups, m, c, c), c = max(Cout, Cin) per group, m = sum(k - 1),
     parametrizes the blocks' projectors around the buffer ``projector_base``. At registration H's
     base becomes the completed polar factor of the kernel's tap sum (its response to a constant
     image) and every parameter 0: the layer starts as H at the centre tap (delta-orthogonal).
