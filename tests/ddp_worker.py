@@ -41,6 +41,7 @@ def worker(rank: int, world: int, out: str) -> None:
         opt.step()
     ddp(torch.randn(2, 3, 8, 8))  # a last forward: buffers are synced from rank 0 first
     torch.save(net.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # gloo: a rank destroying the group while the other still works can abort at exit
     dist.destroy_process_group()
 
 

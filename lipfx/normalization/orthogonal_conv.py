@@ -206,11 +206,15 @@ class OrthogonalConvNormalization(_SpatialGNP):
     grid (per group) for every value of the parameters.
 
     Parameters: H's Cayley parameter is the centre tap of ``weight`` (the other taps are unused
-    and zeroed; for a strided conv taking :func:`strided_kernel`, ``patch`` set, R's parameter is
-    its first stride-many taps per dim, and c = Cin/groups); ``projectors`` (groups, m, c, c), c = max(Cout, Cin) per group, m = sum(k - 1),
+    and zeroed); ``projectors`` (groups, m, c, c), c = max(Cout, Cin) per group, m = sum(k - 1),
     parametrizes the blocks' projectors around the buffer ``projector_base``. At registration H's
     base becomes the completed polar factor of the kernel's tap sum (its response to a constant
     image) and every parameter 0: the layer starts as H at the centre tap (delta-orthogonal).
+
+    A strided conv taking :func:`strided_kernel` (``patch`` is its stride) has R in H's place:
+    R's parameter is the raw weight's first stride-many taps per dim, its base their completed
+    polar factor, and the blocks (m = sum(k - s)) act on c = Cin/groups channels. Checkpoints of
+    such a layer saved before this construction have other buffer shapes and fail to load.
     """
 
     kind = "orthogonal-conv(bcop)"
