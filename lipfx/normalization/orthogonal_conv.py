@@ -226,7 +226,7 @@ class OrthogonalConvNormalization(_SpatialGNP):
         weight = conv.weight
         cout, cin_g = weight.shape[:2]
         self.kernel_size = tuple(weight.shape[2:])
-        self.patch = _patch(conv_geometry(conv, name))
+        self.patch = _patch(self._geometry(weight))  # the frame's geometry, set up by the base class
         cout_g = cout // self.groups
         dtype = compute_dtype(weight)
         taps = tuple(range(2, weight.dim()))
