@@ -2,6 +2,7 @@
 
     pip install -e ".[bench]"
     python benchmarks/certified_training.py [--data digits|synthetic|both] [--epochs 30] [--seeds 3]
+    python benchmarks/certified_training.py --timing     # seconds per epoch only, side by side
 
 Every method trains the same CNN (widths C, C, 2C, 2C with 3x3 convs, the third strided, one
 activation after each, global l2 pooling, a last linear layer with unit-norm rows) on the same
@@ -348,6 +349,25 @@ def run(name: str, data, width: int, epochs: int, seeds: int, only: tuple[str, .
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
+def timing(data, width: int, rounds: int = 5, epochs: int = 1, only: tuple[str, ...] = ()) -> None:
+    """Seconds per epoch side by side, best of ``rounds`` interleaved rounds (after a one-epoch
+    warm-up per method), with each method's ratio to the fastest peer: the benchmark's training
+    loop at lr 1e-3, nothing else measured."""
+    chosen = {k: v for k, v in methods(width).items() if not only or any(o in k for o in only)}
+    best = {label: math.inf for label in chosen}
+    for label, (make, _) in chosen.items():
+        train(make, data, 1e-3, 1, 0)
+    for _ in range(rounds):
+        for label, (make, _) in chosen.items():
+            best[label] = min(best[label], train(make, data, 1e-3, epochs, 0)[1])
+    peers = [t for label, t in best.items() if label.startswith(("orthogonium", "deel"))]
+    fastest = min(peers) if peers else math.nan
+    print(f"\n## seconds per epoch (best of {rounds} rounds of {epochs} epoch(s), batch {BATCH}, width {width})\n")
+    print("| method | s/epoch | / fastest peer |\n|---|---|---|")
+    for label, t in best.items():
+        print(f"| {label} | {t:.3f} | {t / fastest:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("digits", "synthetic", "both"), default="both")
@@ -355,8 +375,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=(), help="run only the methods whose name contains one of these")
+    parser.add_argument("--timing", action="store_true", help="only time an epoch of each method, side by side")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.timing:
+        timing(digits() if args.data != "synthetic" else synthetic(), args.width, only=tuple(args.only))
+        return
     if args.data in ("digits", "both"):
         run("scikit-learn digits", digits(), args.width, args.epochs, args.seeds, tuple(args.only))
     if args.data in ("synthetic", "both"):

@@ -138,3 +138,36 @@ def test_functional_and_method_activations_are_replaced_and_in_place_readers_ref
         lipfx.convert(Aliased(), torch.randn(2, 3), activation="maxmin", normalize=False)
     with pytest.raises(lipfx.ArgumentError, match="unknown activation"):
         lipfx.convert(Functional(), torch.randn(2, 6), activation="relu")
+
+
+@pytest.mark.parametrize("dim, shape", [(1, (2, 7, 3)), (-1, (3, 2, 6))])
+def test_maxmin_gradient_is_the_jacobian_the_values_follow(dim, shape):
+    """MaxMin's own backward (a 0/1 mask and products) against central differences away from ties;
+    at a tie the Jacobian autograd returns is still a permutation (orthogonal), where
+    torch.maximum's would halve the gradient. Second derivatives go through (WGAN-GP-style
+    penalties differentiate the gradient)."""
+    g = torch.Generator().manual_seed(3)
+    act = MaxMin(dim=dim)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(act, x).reshape(x.numel(), x.numel())
+    torch.testing.assert_close(jac, _fd_jacobian(act, x), rtol=0, atol=1e-6)
+    half = x.shape[dim] // 2
+    tied = x.clone()
+    tied.narrow(dim, 0, half).copy_(tied.narrow(dim, half, half))
+    jac = torch.autograd.functional.jacobian(act, tied).reshape(x.numel(), x.numel())
+    assert set(jac.unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(jac @ jac.T, torch.eye(x.numel(), dtype=x.dtype), rtol=0, atol=0)
+    x.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda t: act(t) * t, (x,))
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = torch.randn(shape, generator=g).to(dtype).requires_grad_(True)
+        act(xd).backward(torch.ones_like(xd))
+        assert xd.grad.dtype == dtype and torch.equal(xd.grad, torch.ones_like(xd))
+    # routed exactly even where hi - lo overflows: opposite gradients near float32's max
+    xd = torch.randn(shape, generator=g).requires_grad_(True)
+    big = torch.full(shape, 3e38).narrow(dim, 0, half)
+    up = torch.cat((big, -big, torch.zeros_like(x.narrow(dim, 2 * half, x.shape[dim] - 2 * half), dtype=big.dtype)), dim)
+    act(xd).backward(up)
+    a, b = xd.detach().narrow(dim, 0, half), xd.detach().narrow(dim, half, half)
+    want = torch.cat((torch.where(a >= b, big, -big), torch.where(a >= b, -big, big), up.narrow(dim, 2 * half, up.shape[dim] - 2 * half)), dim)
+    assert torch.equal(xd.grad, want)

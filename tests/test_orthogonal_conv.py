@@ -155,6 +155,34 @@ def test_block_kernel_composes_like_the_convs_it_stands_for():
     torch.testing.assert_close(F.conv1d(x, k), step(step(x, b), a))
 
 
+def test_block_kernel_with_side_matrices_composes_like_its_convs_in_2d_and_3d():
+    """Blocks along several dims (some of one tap) and the side matrices folded into the first
+    and last dims' taps: the kernel's conv equals right, then the blocks from the last to the
+    first, then left, each run as its own conv."""
+    g = torch.Generator().manual_seed(2)
+    c, o, i = 3, 2, 4
+    for kernel_size in ((3, 2), (1, 3), (2, 3, 2), (4, 1)):
+        nd = len(kernel_size)
+        blocks = [d for d, k in enumerate(kernel_size) for _ in range(k - 1)]
+        p = torch.randn(2, len(blocks), c, c, generator=g, dtype=torch.float64)
+        left = torch.randn(2, o, c, generator=g, dtype=torch.float64)
+        right = torch.randn(2, c, i, generator=g, dtype=torch.float64)
+        k = block_kernel(p, kernel_size, left=left, right=right)  # (2, o, i, *kernel_size)
+        assert k.shape == (2, o, i, *kernel_size)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+        x = torch.randn(2, 2 * i, *(7,) * nd, generator=g, dtype=torch.float64)
+        point = lambda m: m.reshape(-1, m.shape[-1], *(1,) * nd)  # noqa: E731  (2, a, b) -> grouped 1x1 kernel
+        y = conv(x, point(right), groups=2)
+        for j in reversed(range(len(blocks))):
+            taps = [1] * nd
+            taps[blocks[j]] = 2
+            eye = torch.eye(c, dtype=torch.float64)
+            two = torch.stack((p[:, j], eye - p[:, j]), -1).reshape(2 * c, c, *taps)
+            y = conv(y, two, groups=2)
+        y = conv(y, point(left), groups=2)
+        torch.testing.assert_close(conv(x, k.reshape(2 * o, i, *kernel_size), groups=2), y)
+
+
 @pytest.mark.parametrize("cin, cout, kw", [(4, 4, dict(padding=1)), (3, 7, dict(padding=1)), (7, 3, dict(padding=1)),
                                            (4, 6, dict(padding=1, groups=2, stride=2)),
                                            (4, 4, dict(padding=2, dilation=2)),

@@ -77,8 +77,14 @@ def stiefel(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     n = tall.shape[-1]
     q = (base.to(tall.dtype) @ cayley(skew_from_columns(tall)))[..., :n]
     # the float32 solve is orthogonal only to ~1e-3 for large or badly conditioned I + A (O(1)
-    # off for entries ~1e7); one Björck step brings it back within ~1e-6, never above 1
-    q = bjorck_step(q)
+    # off for entries ~1e7); one Björck step brings it back within ~1e-6, never above 1. The
+    # step is taken outside autograd and its gradient is the identity's: at a (semi-)orthogonal
+    # Q the step's derivative is the identity on the tangent space, where the Cayley map's
+    # derivative lies (docs/math.md, 15.2), so this is the exact gradient up to Q's rounding,
+    # for a third of the operations.
+    with torch.no_grad():
+        fixed = bjorck_step(q)
+    q = fixed + (q - q.detach())  # fixed's value exactly (q - q is 0), q's gradient
     return q if x.shape[-2] >= x.shape[-1] else q.mT
 
 

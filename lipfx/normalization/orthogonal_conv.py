@@ -40,6 +40,7 @@ from .orthogonal import completed_polar, keep_wide, stiefel
 from .rescale import TrainBound
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def gnp_conv_reason(geom: ConvGeometry) -> Optional[str]:
@@ -86,29 +87,61 @@ def aol_conv(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return (per_group * d.reshape(groups, cout_g, 1, *ones)).reshape(weight.shape)
 
 
-def block_kernel(projectors: torch.Tensor, kernel_size: Sequence[int]) -> torch.Tensor:
-    """The kernel (groups, c, c, *kernel_size) of the conv ``B_1 o B_2 o ... `` with one 2-tap
-    block ``[P_j, I - P_j]`` per entry of ``projectors`` (groups, m, c, c), m = sum(k - 1), the
-    first k_1 - 1 along spatial dim 1, and so on. Kernels compose by a matrix-valued full
-    convolution: ``(A o B)[v] = sum_{s + u = v} A[s] B[u]``."""
+def block_kernel(projectors: torch.Tensor, kernel_size: Sequence[int], left: Optional[torch.Tensor] = None,
+                 right: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kernel (groups, o, i, *kernel_size) of the conv ``left B_1 o B_2 o ... right`` with one
+    2-tap block ``[P_j, I - P_j]`` per entry of ``projectors`` (groups, m, c, c), m = sum(k - 1),
+    the first k_1 - 1 along spatial dim 1, and so on; ``left`` (groups, o, c) and ``right``
+    (groups, c, i) are matrices (identity when None). Kernels compose by a matrix-valued full
+    convolution, ``(A o B)[v] = sum_{s + u = v} A[s] B[u]``: blocks along one dim give a 1-D
+    kernel (:func:`_line`), and 1-D kernels along different dims compose by a product per tap
+    pair, ``U[t_1, t_2, ...] = A_1[t_1] A_2[t_2] ...``. The matrices multiply the first and last
+    dims' taps, so the c x c kernel is never formed for a thin H."""
     g, m, c, _ = projectors.shape
     nd = len(kernel_size)
     if m != sum(k - 1 for k in kernel_size):
         raise ValueError(f"{m} projectors for kernel {tuple(kernel_size)}")
-    eye = torch.eye(c, dtype=projectors.dtype, device=projectors.device)
-    u = eye.expand(g, c, c).reshape(g, c, c, *(1,) * nd)
-    j = 0
-    for d, k in enumerate(kernel_size):
-        at = 2 * (nd - 1 - d)  # F.pad lists the last dim first
-        after, before = [0] * (2 * nd), [0] * (2 * nd)  # one more tap along dim d, at its end / start
-        after[at + 1] = before[at] = 1
-        for _ in range(k - 1):
-            p = projectors[:, j]
-            j += 1
-            # (u o [P, I - P])[v] = u[v] P + u[v - 1] (I - P), and u (I - P) = u - u P
-            up = torch.einsum("goi...,gij->goj...", u, p)
-            u = F.pad(up, after) + F.pad(u - up, before)
-    return u
+    lines = _lines(projectors, kernel_size)  # (g, k_d, c, c) per dim with k_d > 1
+    if not lines:
+        eye = torch.eye(c, dtype=projectors.dtype, device=projectors.device)
+        lines = [eye.expand(g, 1, c, c)]
+    if left is not None:
+        lines[0] = left.unsqueeze(1) @ lines[0]
+    if right is not None:
+        lines[-1] = lines[-1] @ right.unsqueeze(1)
+    u = lines[0]
+    for d, line in enumerate(lines[1:], 1):  # (g, k_1, ..., k_d, o, c) @ (g, 1, ..., 1, k_{d+1}, c, i)
+        u = u.unsqueeze(-3) @ line.reshape(g, *(1,) * d, *line.shape[1:])
+    taps = u.dim() - 3
+    u = u.permute(0, taps + 1, taps + 2, *range(1, taps + 1))
+    return u.reshape(*u.shape[:3], *kernel_size)
+
+
+def _lines(projectors: torch.Tensor, kernel_size: Sequence[int]) -> list[torch.Tensor]:
+    """Each dim's 1-D block kernel (g, k, c, c), for the dims with k > 1 (dims of one size are
+    computed together)."""
+    g, _, c, _ = projectors.shape
+    spans = [(j, k) for j, k in zip(itertools.accumulate((k - 1 for k in kernel_size), initial=0), kernel_size) if k > 1]
+    if not spans:
+        return []
+    if len({k for _, k in spans}) == 1:  # one batch over dims: the projectors are laid out dim by dim
+        k = spans[0][1]
+        both = _line(projectors.reshape(g, len(spans), k - 1, c, c))
+        return list(both.unbind(1))
+    return [_line(projectors[:, j:j + k - 1]) for j, k in spans]
+
+
+def _line(p: torch.Tensor) -> torch.Tensor:
+    """The 1-D kernel (..., n + 1, c, c) of the blocks ``[P_1, I - P_1] o ... o [P_n, I - P_n]``
+    for projectors p (..., n, c, c): one batched product per block after the first."""
+    eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+    first = p[..., 0, :, :]
+    taps = torch.stack((first, eye - first), -3)
+    for j in range(1, p.shape[-3]):
+        # (taps o [P, I - P])[v] = taps[v] P + taps[v - 1] (I - P), and taps (I - P) = taps - taps P
+        tp = taps @ p[..., j:j + 1, :, :]
+        taps = F.pad(tp, (0, 0, 0, 0, 0, 1)) + F.pad(taps - tp, (0, 0, 0, 0, 1, 0))
+    return taps
 
 
 def _patch(geom: ConvGeometry) -> Optional[tuple[int, ...]]:
@@ -130,14 +163,15 @@ def strided_kernel(r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     (groups, c, c, *k') a stride-1 kernel (the BCOP blocks), R (groups, Cout/g, c, *s) a kernel
     of one stride-sized patch. With stride s, R reads U's output on disjoint patches, so where
     R's matrix (Cout/g, c * prod(s)) is (semi-)orthogonal, the whole-grid strided conv is a
-    co-isometry (or an isometry) like U (AOC, Boissin et al. 2025)."""
-    s = r.shape[3:]
-    terms = []
-    for tap in itertools.product(*(range(n) for n in s)):
-        # R's tap t reads U's output t pixels on: its product with U, shifted by t
-        pads = [p for t, n in zip(reversed(tap), reversed(s)) for p in (t, n - 1 - t)]
-        terms.append(F.pad(torch.einsum("gom,gmi...->goi...", r[(slice(None),) * 3 + tap], u), pads))
-    return torch.stack(terms).sum(0)
+    co-isometry (or an isometry) like U (AOC, Boissin et al. 2025).
+
+    ``(R o U)[v] = sum_{t + w = v} R[t] U[w]`` is the transposed conv of R (an "image" per output
+    channel, c channels, side s) with U's taps: one call, groups as conv groups."""
+    g, o, c = r.shape[:3]
+    nd = r.dim() - 3
+    image = r.transpose(0, 1).reshape(o, g * c, *r.shape[3:])
+    w = _CONV_T[nd](image, u.reshape(g * c, u.shape[2], *u.shape[3:]), groups=g)  # (o, g * i, *k)
+    return w.reshape(o, g, u.shape[2], *w.shape[2:]).transpose(0, 1)
 
 
 def _delta_start(groups: int, c: int, kernel_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,14 +296,12 @@ class OrthogonalConvNormalization(_SpatialGNP):
         cout_g = cout // self.groups
         q = stiefel(self.projector_base, self.projectors.to(weight.dtype))
         p = (q * self._masks.to(q.dtype)[:, None, :]) @ q.mT  # orthogonal projectors of the masks' ranks
-        u = block_kernel(p, self.blocks)
         if self.patch is not None:
             r = stiefel(self.base, self._patch_param(weight))
+            u = block_kernel(p, self.blocks)
             return strided_kernel(r.reshape(self.groups, cout_g, cin_g, *self.patch), u).reshape(weight.shape)
         centre = weight[(slice(None), slice(None)) + tuple(k // 2 for k in self.kernel_size)]
         h = stiefel(self.base, centre.reshape(self.groups, cout_g, cin_g))
-        if cout_g >= cin_g:  # isometry: the blocks act on the output side, after H
-            w = torch.einsum("goj...,gji->goi...", u, h)
-        else:  # co-isometry: on the input side, before H
-            w = torch.einsum("goj,gji...->goi...", h, u)
+        # isometry: the blocks act on the output side, after H; co-isometry: on the input side
+        w = block_kernel(p, self.blocks, right=h) if cout_g >= cin_g else block_kernel(p, self.blocks, left=h)
         return w.reshape(weight.shape)
