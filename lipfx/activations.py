@@ -13,6 +13,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from .errors import ArgumentError
 
@@ -26,10 +27,47 @@ class MaxMin(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _MaxMinFunction.apply(x, self.dim)
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            return _maxmin(x, self.dim)  # TorchScript cannot hold a Python autograd.Function
+        return self._routed(x)
+
+    @torch.jit.unused
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.func's transforms and forward-mode AD need the setup_context style with a jvp;
+        # Dynamo refuses a custom jvp, so the plain class (what a compiled graph sees) has none.
+        # torch's own Function.apply makes the same transform check.
+        transformed = torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+        return (_MaxMinTransformable if transformed else _MaxMinFunction).apply(x, self.dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
+
+
+def _halves(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    half = x.shape[dim] // 2
+    return x.narrow(dim, 0, half), x.narrow(dim, half, half), x.narrow(dim, 2 * half, x.shape[dim] - 2 * half)
+
+
+def _maxmin(x: torch.Tensor, dim: int) -> torch.Tensor:
+    a, b, rest = _halves(x, dim)
+    return torch.cat((torch.maximum(a, b), torch.minimum(a, b), rest), dim)
+
+
+def _route(t: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """(u, v, rest) -> (m u + (1 - m) v, m v + (1 - m) u, rest) for the 0/1 mask m: the JVP of
+    MaxMin for a tangent, and its VJP for a gradient (the Jacobian per pair is I or the swap,
+    so it is its own transpose)."""
+    u, v, rest = _halves(t, dim)
+    # with a 0/1 mask, u m + (v - v m) is u or v exactly for every finite pair; lerp's
+    # v + m (u - v) would overflow to inf (and 0 * inf = NaN) for opposite entries near the
+    # dtype's max
+    um, vm = u * mask, v * mask
+    return torch.cat((um + (v - vm), vm + (u - um), rest), dim)
+
+
+def _mask(x: torch.Tensor, dim: int) -> torch.Tensor:
+    a, b, _ = _halves(x, dim)
+    return (a >= b).to(x.dtype)
 
 
 class _MaxMinFunction(torch.autograd.Function):
@@ -38,28 +76,45 @@ class _MaxMinFunction(torch.autograd.Function):
     permutation, where torch.maximum's backward would split the gradient in halves). The
     mask and a few products replace maximum/minimum's backward, whose where/masked_fill
     kernels measured ~4x slower on CPU (docs/benchmarks.md); the backward is itself
-    differentiable."""
+    differentiable. ctx-style forward: the setup_context style costs an inspect.signature
+    bind per call (~15% of the whole op here), so it is kept for torch.func and forward-mode
+    AD (:class:`_MaxMinTransformable`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
-        half = x.shape[dim] // 2
-        a, b = x.narrow(dim, 0, half), x.narrow(dim, half, half)
-        rest = x.narrow(dim, 2 * half, x.shape[dim] - 2 * half)
-        ctx.save_for_backward((a >= b).to(x.dtype))
+        ctx.save_for_backward(_mask(x, dim))
         ctx.dim = dim
-        return torch.cat((torch.maximum(a, b), torch.minimum(a, b), rest), dim)
+        return _maxmin(x, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (mask,) = ctx.saved_tensors
-        dim, half = ctx.dim, mask.shape[ctx.dim]
-        hi, lo = grad.narrow(dim, 0, half), grad.narrow(dim, half, half)
-        rest = grad.narrow(dim, 2 * half, grad.shape[dim] - 2 * half)
-        # with a 0/1 mask, hi m + (lo - lo m) is hi or lo exactly for every finite pair; lerp's
-        # lo + m (hi - lo) would overflow to inf (and 0 * inf = NaN) for opposite gradients near
-        # the dtype's max
-        him, lom = hi * mask, lo * mask
-        return torch.cat((him + (lo - lom), lom + (hi - him), rest), dim), None
+        return _route(grad, mask, ctx.dim), None
+
+
+class _MaxMinTransformable(_MaxMinFunction):
+    """The same function in the setup_context style, with a jvp: what torch.func's transforms
+    (vmap, jacrev, jacfwd, grad) and forward-mode AD require; MaxMin picks it only while one
+    is active."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, dim: int) -> torch.Tensor:  # type: ignore[override]
+        return _maxmin(x, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[torch.Tensor, int], output: torch.Tensor) -> None:
+        x, dim = inputs
+        mask = _mask(x, dim)
+        ctx.save_for_backward(mask)
+        ctx.save_for_forward(mask)
+        ctx.dim = dim
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor, _: None) -> torch.Tensor:
+        (mask,) = ctx.saved_tensors
+        return _route(tangent, mask, ctx.dim)
 
 
 class GroupSort(nn.Module):

@@ -1,6 +1,8 @@
 """Gradient-norm-preserving activations (issue 15, first part): MaxMin, GroupSort, Abs, and
 ``convert(..., activation=...)``."""
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -171,3 +173,44 @@ def test_maxmin_gradient_is_the_jacobian_the_values_follow(dim, shape):
     a, b = xd.detach().narrow(dim, 0, half), xd.detach().narrow(dim, half, half)
     want = torch.cat((torch.where(a >= b, big, -big), torch.where(a >= b, -big, big), up.narrow(dim, 2 * half, up.shape[dim] - 2 * half)), dim)
     assert torch.equal(xd.grad, want)
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_maxmin_works_under_torch_func_and_forward_ad(dim):
+    """torch.func's transforms (which need the setup_context style) and forward-mode AD give the
+    central-difference Jacobian, the batched map equals the per-sample one, and torch.compile
+    traces MaxMin without a graph break."""
+    g = torch.Generator().manual_seed(5)
+    act = MaxMin(dim=dim)
+    x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    want = _fd_jacobian(act, x)
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        torch.testing.assert_close(transform(act)(x).reshape(want.shape), want, rtol=0, atol=1e-6)
+    v = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    with torch.autograd.forward_ad.dual_level():
+        tangent = torch.autograd.forward_ad.unpack_dual(act(torch.autograd.forward_ad.make_dual(x, v))).tangent
+    torch.testing.assert_close(tangent.reshape(-1), want @ v.reshape(-1), rtol=0, atol=1e-6)
+    batch = torch.randn(4, *x.shape, generator=g, dtype=x.dtype)
+    # vmap hides the batch dim: dim keeps meaning a per-sample dim
+    assert torch.equal(torch.func.vmap(act)(batch), torch.stack([act(b) for b in batch]))
+    grads = torch.func.vmap(torch.func.grad(lambda z: (act(z) * v).sum()))(batch)
+    assert torch.equal(grads, torch.stack([torch.autograd.grad((act(b.requires_grad_()) * v).sum(), b)[0]
+                                           for b in batch.clone()]))
+    # a compiled training step: Dynamo refuses autograd.Functions with a custom jvp
+    leaf = x.clone().requires_grad_(True)
+    explained = torch._dynamo.explain(lambda z: (act(z) * v).sum())(leaf)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(lambda z: (act(z) * v).sum(), fullgraph=True, backend="aot_eager")
+    compiled(leaf).backward()
+    assert torch.equal(leaf.grad, torch.autograd.grad((act(x.requires_grad_(True)) * v).sum(), x)[0])
+
+
+def test_maxmin_scripts_and_traces():
+    """TorchScript (scripted, and traced then saved) runs the plain expression: same values."""
+    net = nn.Sequential(nn.Linear(4, 7), MaxMin())
+    x = torch.randn(3, 4)
+    assert torch.equal(torch.jit.script(net)(x), net(x))
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.trace(net, x), buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.jit.load(buffer)(x), net(x))

@@ -90,15 +90,34 @@ def test_strided_bcop_is_an_isometry_or_co_isometry_as_a_strided_conv(dims, cin,
     p = bcop(conv, size)
     assert p.patch == conv.stride and "strided" in p.kind
     w = p.transform(conv.parametrizations.weight.original).detach().double()
-    pads = [q for kk, s in zip(reversed(conv.kernel_size), reversed(conv.stride)) for q in (kk - s, 0)]
-    conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
-    torus = lambda t: conv_fn(F.pad(t, pads, mode="circular"), w, stride=conv.stride, groups=groups)  # noqa: E731
-    matrix = dense_matrix(torus, (cin, *size))
-    s = torch.linalg.svdvals(matrix)
-    assert s.shape[0] == min(matrix.shape)
+    s = _torus_singular_values(conv, w, size)
     assert float((s - 1).abs().max()) < 1e-5, (float(s.min()), float(s.max()))
     zero_padded = torch.linalg.svdvals(dense(conv, w, size))
     assert float(zero_padded.max()) <= 1 + 1e-6
+
+
+def _torus_singular_values(conv: nn.Module, w: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Every singular value of the strided conv with kernel ``w`` on a torus of ``size``."""
+    pads = [q for kk, s in zip(reversed(conv.kernel_size), reversed(conv.stride)) for q in (kk - s, 0)]
+    conv_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+    torus = lambda t: conv_fn(F.pad(t, pads, mode="circular"), w, stride=conv.stride, groups=conv.groups)  # noqa: E731
+    matrix = dense_matrix(torus, (conv.in_channels, *size))
+    s = torch.linalg.svdvals(matrix)
+    assert s.shape[0] == min(matrix.shape)
+    return s
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN's TF32 convs)")
+def test_strided_bcop_kernel_on_cuda_is_built_without_tf32(monkeypatch):
+    """cuDNN may run float32 convs in TF32; the strided kernel built on the GPU in float32 must
+    still be a co-isometry to float32 rounding (TF32 factors missed it by ~2e-4)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    conv = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+    p = bcop(conv, (8, 8))
+    conv.cuda()
+    w = p.transform(conv.parametrizations.weight.original).detach().cpu().double()
+    s = _torus_singular_values(conv, w, (8, 8))
+    assert float((s - 1).abs().max()) < 1e-5, (float(s.min()), float(s.max()))
 
 
 def test_strided_convs_that_keep_the_subsampled_kernel():

@@ -43,6 +43,16 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def _untruncated(conv, x: torch.Tensor, w: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``conv(x, w, **kwargs)`` without TF32: cuDNN runs float32 convs in TF32 by default
+    (torch.backends.cudnn.allow_tf32), which rounds the operands to 10 mantissa bits, and a
+    kernel built from rounded factors misses (co-)isometry by ~2e-4 (simulated on CPU). These
+    convs build weights from small factors, so on CUDA they run in float64."""
+    if x.is_cuda and x.dtype == torch.float32:
+        return conv(x.double(), w.double(), **kwargs).float()
+    return conv(x, w, **kwargs)
+
+
 def gnp_conv_reason(geom: ConvGeometry) -> Optional[str]:
     """Why a spatial conv cannot take an AOL or orthogonal kernel (None: it can)."""
     if geom.groups > 1 and geom.weight.shape[1] == 1:
@@ -66,7 +76,7 @@ def gram_row_sums(weight: torch.Tensor, groups: int) -> torch.Tensor:
     # cin_g "images" of cout channels, filtered by the kernel with its in/out roles swapped
     images = weight.transpose(0, 1)
     filters = weight.reshape(groups, cout_g, cin_g, *taps).transpose(1, 2).reshape(groups * cin_g, cout_g, *taps)
-    gram = _CONV[len(taps)](images, filters, padding=tuple(k - 1 for k in taps), groups=groups)
+    gram = _untruncated(_CONV[len(taps)], images, filters, padding=tuple(k - 1 for k in taps), groups=groups)
     return gram.abs().sum(dim=(0,) + tuple(range(2, gram.dim()))).reshape(groups, cin_g)
 
 
@@ -170,7 +180,7 @@ def strided_kernel(r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     g, o, c = r.shape[:3]
     nd = r.dim() - 3
     image = r.transpose(0, 1).reshape(o, g * c, *r.shape[3:])
-    w = _CONV_T[nd](image, u.reshape(g * c, u.shape[2], *u.shape[3:]), groups=g)  # (o, g * i, *k)
+    w = _untruncated(_CONV_T[nd], image, u.reshape(g * c, u.shape[2], *u.shape[3:]), groups=g)  # (o, g * i, *k)
     return w.reshape(o, g, u.shape[2], *w.shape[2:]).transpose(0, 1)
 
 
