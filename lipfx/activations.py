@@ -33,9 +33,15 @@ class MaxMin(nn.Module):
 
     @torch.jit.unused
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
-        # torch.func's transforms and forward-mode AD need the setup_context style with a jvp;
-        # Dynamo refuses a custom jvp, so the plain class (what a compiled graph sees) has none.
-        # torch's own Function.apply makes the same transform check.
+        # torch.func's transforms and forward-mode AD need the setup_context style with a jvp
+        # (torch's own Function.apply makes the same transform check). Dynamo refuses a custom
+        # jvp but traces the plain class's forward and backward itself, under a transform too;
+        # with a dual level open it cannot take the plain class either, and gets the expression
+        # (same values; its backward halves the gradient at ties).
+        if torch.compiler.is_compiling():
+            if forward_ad._current_level >= 0:
+                return _maxmin(x, self.dim)
+            return _MaxMinFunction.apply(x, self.dim)
         transformed = torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
         return (_MaxMinTransformable if transformed else _MaxMinFunction).apply(x, self.dim)
 

@@ -183,13 +183,16 @@ def test_maxmin_works_under_torch_func_and_forward_ad(dim):
     g = torch.Generator().manual_seed(5)
     act = MaxMin(dim=dim)
     x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
-    want = _fd_jacobian(act, x)
+    jac = _fd_jacobian(act, x)
     for transform in (torch.func.jacrev, torch.func.jacfwd):
-        torch.testing.assert_close(transform(act)(x).reshape(want.shape), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(transform(act)(x).reshape(jac.shape), jac, rtol=0, atol=1e-6)
     v = torch.randn(x.shape, generator=g, dtype=x.dtype)
-    with torch.autograd.forward_ad.dual_level():
-        tangent = torch.autograd.forward_ad.unpack_dual(act(torch.autograd.forward_ad.make_dual(x, v))).tangent
-    torch.testing.assert_close(tangent.reshape(-1), want @ v.reshape(-1), rtol=0, atol=1e-6)
+
+    def tangent_of(z: torch.Tensor) -> torch.Tensor:
+        with torch.autograd.forward_ad.dual_level():
+            return torch.autograd.forward_ad.unpack_dual(act(torch.autograd.forward_ad.make_dual(z, v))).tangent
+
+    torch.testing.assert_close(tangent_of(x).reshape(-1), jac @ v.reshape(-1), rtol=0, atol=1e-6)
     batch = torch.randn(4, *x.shape, generator=g, dtype=x.dtype)
     # vmap hides the batch dim: dim keeps meaning a per-sample dim
     assert torch.equal(torch.func.vmap(act)(batch), torch.stack([act(b) for b in batch]))
@@ -202,7 +205,19 @@ def test_maxmin_works_under_torch_func_and_forward_ad(dim):
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     compiled = torch.compile(lambda z: (act(z) * v).sum(), fullgraph=True, backend="aot_eager")
     compiled(leaf).backward()
-    assert torch.equal(leaf.grad, torch.autograd.grad((act(x.requires_grad_(True)) * v).sum(), x)[0])
+    want = torch.autograd.grad((act(x.requires_grad_(True)) * v).sum(), x)[0]
+    assert torch.equal(leaf.grad, want)
+    x = x.detach()
+    # compiled code under an open dual level, under torch.func, and with forward AD inside it
+    # (each failed once on Dynamo's refusal of a custom jvp)
+    with torch.autograd.forward_ad.dual_level():
+        leaf.grad = None
+        compiled(leaf).backward()
+        assert torch.equal(leaf.grad, want)
+    step = torch.compile(lambda z: (act(z) * v).sum(), fullgraph=True, backend="eager")
+    assert torch.equal(torch.func.grad(step)(x), want)
+    got = torch.compile(tangent_of, fullgraph=True, backend="eager")(x.clone().requires_grad_(True))
+    torch.testing.assert_close(got.reshape(-1), jac @ v.reshape(-1), rtol=0, atol=1e-6)
 
 
 def test_maxmin_scripts_and_traces():
