@@ -192,7 +192,8 @@ class Householder(nn.Module):
         half = self.channels // 2
         # in float32 or wider: a unit vector rounded to bf16 would reflect by up to 1 + 2^-7
         wide = torch.promote_types(x.dtype, torch.float32)
-        a, b = x.narrow(self.dim, 0, half).to(wide), x.narrow(self.dim, half, half).to(wide)
+        a, b, rest = _halves(x, self.dim)
+        a, b = a.to(wide), b.to(wide)
         shape = [1] * x.dim()
         shape[self.dim] = half
         theta = self.theta.to(torch.promote_types(wide, self.theta.dtype)).reshape(shape)
@@ -201,7 +202,6 @@ class Householder(nn.Module):
         keep = dot > 0
         a = torch.where(keep, a, a - 2 * dot * c)
         b = torch.where(keep, b, b - 2 * dot * s)
-        rest = x.narrow(self.dim, 2 * half, self.channels - 2 * half)
         return torch.cat((a.to(x.dtype), b.to(x.dtype), rest), self.dim)
 
     def extra_repr(self) -> str:
