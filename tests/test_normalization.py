@@ -646,6 +646,136 @@ def test_ddp_two_gloo_processes_stay_identical(tmp_path):
     assert any(not same(start[k], states[0][k]) for k in start)  # training happened
 
 
+def test_pointwise_layers_computed_together_match_one_at_a_time(monkeypatch):
+    """One-matrix pointwise and linear layers of a batched forward share one
+    MatrixNormalization.train_forwards call (their power steps' vector work in foreach kernels):
+    after SGD steps the weights, power-iteration vectors and residuals must be bitwise those of
+    computing each layer at its own, for layers of many shapes, soft and hard scaling, float32
+    and half-precision weights, a frozen weight, a grouped 1x1 conv (computed at its own) and a
+    spatial conv between them."""
+
+    def build(scaling, dtype):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 24, 1), nn.ReLU(),
+                              nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.Conv2d(24, 6, 1), nn.ReLU(),
+                              nn.Conv2d(6, 12, 1, groups=2), nn.Flatten(), nn.Linear(12 * 5 * 5, 40), nn.ReLU(),
+                              nn.Linear(40, 7))
+        x = torch.randn(4, 3, 5, 5)
+        nets = [lipfx.convert(model, x, K=1.3, scaling=scaling, s_init=0.7, separable=None, batched=b).to(dtype)
+                for b in (True, False)]
+        nets[1].load_state_dict(nets[0].state_dict())
+        for net in nets:
+            net.get_submodule("2").parametrizations.weight.original.requires_grad_(False)  # frozen: no Rescale
+        return nets, x.to(dtype)
+
+    calls = []
+    real = MatrixNormalization.train_forwards.__func__
+    monkeypatch.setattr(MatrixNormalization, "train_forwards",
+                        classmethod(lambda cls, layers: calls.append(len(layers)) or real(cls, layers)))
+    for scaling, dtype in (("hard", torch.float32), ("soft", torch.float32), ("hard", torch.bfloat16), ("soft", torch.float16)):
+        (a, b), x = build(scaling, dtype)
+        calls.clear()
+        for net in (a, b):
+            torch.manual_seed(1)
+            sgd_steps(net, x, steps=3, lr=0.3)
+        assert calls and set(calls) == {5}, calls  # 3 convs + 2 linears per forward, the grouped one apart
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert ka == kb and same(va, vb), (scaling, dtype, ka)
+        for (_, _, pa), (_, _, pb) in zip(normalized_layers(a), normalized_layers(b)):
+            assert torch.equal(pa.residual, pb.residual)
+        a.train(), b.train()
+        with torch.no_grad():
+            assert torch.equal(a(x), b(x))
+        # the guarantee of 5.2 holds for the layers computed together: sigma(W_used) <= K (1 + residual)
+        with torch.no_grad():
+            for name, host, p in normalized_layers(a):
+                if isinstance(p, MatrixNormalization) and p.groups == 1:
+                    w = host.weight.detach().double().reshape(host.weight.shape[0], -1)
+                    rounding = 1 + 4 * torch.finfo(dtype).eps  # the used weight is rounded to its dtype
+                    assert torch.linalg.matrix_norm(w, 2) <= abs(float(p.scale())) * (1 + float(p.residual)) * rounding, name
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_one_power_step_gradient_uses_the_vector_it_was_taken_at(batched):
+    """With power_iters=1 the bound is ||A v|| at the stored vector v, and its gradient factor
+    must be that v, not the next iterate the state is then overwritten with (it once was: the
+    factor aliased the state). Reference: autograd through W * K / (lift * ||W v||), v and the
+    lift held fixed. A layer called twice per forward and two forwards per backward work."""
+    torch.manual_seed(0)
+    net = lipfx.convert(nn.Sequential(nn.Linear(6, 5)), torch.randn(1, 6), K=1.5, power_iters=1, batched=batched).train()
+    [(_, host, p)] = list(normalized_layers(net))
+    w = host.parametrizations.weight.original
+    with torch.no_grad():
+        w.add_(torch.randn_like(w))  # far from the primed vector: v and the next iterate differ
+    v0 = p.v[0].clone()
+    g = torch.randn(5, 6)
+    (grad,) = torch.autograd.grad((host.weight * g).sum(), w)
+    assert not torch.allclose(p.v[0], v0)  # the state moved on
+    lift = torch.sqrt(1 + p.residual)
+    ref_w = w.detach().clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad((ref_w * 1.5 / (lift * torch.linalg.vector_norm(ref_w @ v0)) * g).sum(), ref_w)
+    assert torch.allclose(grad, ref, rtol=1e-5, atol=1e-7)
+    x = torch.randn(3, 6)
+    (net(x).sum() + net(x).square().sum()).backward()  # two forwards, one backward
+    assert torch.isfinite(w.grad).all()
+
+
+def test_tiny_and_zero_weights_stay_within_K_with_finite_gradients():
+    """Float32 layers whose entries are near 1e-20 (the squares power steps and norms sum
+    underflow) or exactly 0: the training-mode weight's true norm stays <= K (dense SVD in
+    float64), and the gradient is finite (the bound is at least bound_floor)."""
+    from lipfx.normalization.rescale import bound_floor
+
+    for scale in (1e-3, 1e-11, 1e-14, 1e-20, 1e-25, 0.0):
+        for layer, shape in ((nn.Linear(40, 30), (40,)), (nn.Conv2d(8, 8, 3, padding=1, groups=8), (8, 6, 6))):
+            torch.manual_seed(0)
+            net = lipfx.convert(nn.Sequential(layer), torch.randn(1, *shape), K=1.0, separable=None).train()
+            [(_, host, p)] = list(normalized_layers(net))
+            w = host.parametrizations.weight.original
+            with torch.no_grad():
+                w.mul_(scale)
+            for _ in range(3):
+                used = host.weight
+                g = torch.randn_like(used)
+                (grad,) = torch.autograd.grad((used * g).sum(), w)
+                assert torch.isfinite(grad).all(), (scale, layer)
+                assert grad.abs().max() <= 4 * g.abs().max() * math.sqrt(g.numel()) / bound_floor(torch.float32), (scale, layer)
+            true = float(true_norm(host, p, shape))
+            assert true <= 1.0 * (1 + float(p.residual)) * (1 + 1e-5), (scale, layer, true)
+            if scale >= 1e-11 and isinstance(layer, nn.Linear):  # above the floor: the bound stays tight
+                assert true >= 0.99, (scale, layer, true)
+
+
+def test_depthwise_gradient_in_closed_form_at_several_sizes():
+    """A depthwise conv used at two input sizes: the training bound is the larger of the two
+    spectra's peaks (the float64 circulant bound at each size; not below it with reflect
+    padding, bounded through ||P||) and its hand-written
+    gradient (c^2 C(f*) k / value in the winning size's block) matches central differences of
+    the training forward, in float64."""
+    from lipfx.norms.conv import conv_bound
+    from lipfx.norms.geometry import conv_geometry
+
+    torch.manual_seed(0)
+    for conv, sizes in ((nn.Conv2d(5, 5, 3, padding=1, groups=5), [(7, 7), (12, 9)]),
+                        (nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, padding_mode="reflect"), [(9, 9), (6, 6)])):
+        conv = conv.double()
+        p = ConvNormalization(conv, sizes, K=1.4).double().train()
+        assert not p.differentiable_bound  # both sizes from the cosine table: the closed form
+        w = conv.weight.detach().clone().requires_grad_(True)
+        exact = max(conv_bound(conv_geometry(conv, ""), n, "") for n in sizes)
+        value = float(p.train_bound(w.detach(), gradient=False).value)
+        if conv.padding_mode == "zeros":
+            assert value == pytest.approx(exact, rel=1e-7)
+        else:  # ||P|| times the valid conv's spectrum: never below the certificate's bound
+            assert value >= exact * (1 - 1e-7)
+        g, direction = torch.randn_like(w), torch.randn_like(w)
+        (grad,) = torch.autograd.grad((p(w) * g).sum(), w)
+        h = 1e-6
+        with torch.no_grad():
+            numeric = (float((p(w + h * direction) * g).sum()) - float((p(w - h * direction) * g).sum())) / (2 * h)
+        assert float((grad * direction).sum()) == pytest.approx(numeric, rel=1e-6, abs=1e-9), sizes
+
+
 def same(a, b) -> bool:
     """Bitwise equality of state_dict values (tensors, or the nested extra state)."""
     if isinstance(a, torch.Tensor):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ArgumentError, LipfxError
-from .rescale import Rescale, TrainBound
+from .rescale import TrainBound, rescaled
 
 SCALINGS = ("hard", "soft")
 
@@ -119,17 +119,25 @@ class LipschitzNormalization(nn.Module):
     def _train_forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The training-mode weight: device tensors and static control flow only (no value is
         read on the host, so it neither waits for the device nor breaks a compiled graph)."""
-        scale = self.scale()
-        needs_grad = torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)
         with _autocast_off(weight.device.type):  # bounds in float32 or wider, whatever autocast says
             weight = self.transform(weight)
+            scale = self.scale()
+            needs_grad = torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)
             live = self.differentiable_bound and needs_grad
             bound = self.train_bound(weight if live else weight.detach(), gradient=needs_grad)
-            value = bound.value.clamp_min(torch.finfo(bound.value.dtype).tiny)
-            if not needs_grad or bound.gradient is None:  # no gradient, or one through autograd
-                return weight * (scale / value).to(weight.dtype)
-            g = bound.gradient
-            return Rescale.apply(weight, scale, value, g.group, g.left, g.right)
+            return rescaled(weight, scale, bound, needs_grad)
+
+    def batch_key(self, weight: torch.Tensor) -> Optional[tuple]:
+        """Layers whose keys are equal and not None get their training weights from one call of
+        ``type(self).train_forwards`` when a batched forward starts (:mod:`.batching`); None
+        (the default): this layer computes its own."""
+        return None
+
+    @classmethod
+    def train_forwards(cls, layers: Sequence[tuple["LipschitzNormalization", torch.Tensor]]) -> list[torch.Tensor]:
+        """``_train_forward`` of many layers of one :meth:`batch_key`: each at its own here;
+        kinds with a key compute them together."""
+        return [p._train_forward(w) for p, w in layers]
 
     @torch.compiler.disable  # python-side cache and float64 certificates: run eagerly
     def _eval_factor(self, weight: torch.Tensor) -> float:

@@ -2,7 +2,9 @@
 
 A forward pre-hook on the model computes all training-mode weights back to back (their small
 kernels run together, before the big convolutions have evicted their code and data from the
-caches), and their backward runs together after the network's. A layer takes the prepared weight
+caches), and their backward runs together after the network's. Layers of one kind that say so
+(``batch_key``) are computed by one call: one-matrix pointwise and linear layers share their
+power steps' vector work (:meth:`MatrixNormalization.train_forwards`). A layer takes the prepared weight
 only when the tensor, its version and the grad mode match; otherwise it computes its own.
 """
 
@@ -67,9 +69,17 @@ def _prepare_hook(model: nn.Module, args: tuple) -> None:
     if not model.training or torch.compiler.is_compiling():
         return  # eval mode caches its weights; a compiled graph computes each where it is used
     grad = torch.is_grad_enabled()
+    batches: dict = {}  # batch_key -> layers computed by one train_forwards call
     for p, weight in _first_normalizations(model):
         if p.training:
-            p._prepared = (weight, weight._version, grad, p._train_forward(weight))
+            key = p.batch_key(weight)
+            if key is None:  # a layer that computes its own
+                p._prepared = (weight, weight._version, grad, p._train_forward(weight))
+            else:
+                batches.setdefault(key, []).append((p, weight))
+    for layers in batches.values():
+        for (p, weight), out in zip(layers, type(layers[0][0]).train_forwards(layers)):
+            p._prepared = (weight, weight._version, grad, out)
 
 
 def _release_hook(model: nn.Module, args: tuple, output: object) -> None:

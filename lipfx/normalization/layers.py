@@ -14,20 +14,20 @@ Which module gets which kind is the ``normalization`` piece of its op table entr
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..norms.conv import conv_bound, grouped_matrix_norm
-from ..norms.estimators import fixed_power_steps, grouped_power_iteration
-from ..norms.geometry import ConvGeometry, conv_geometry
+from ..norms.estimators import PowerStepsList, fixed_power_steps, fixed_power_steps_list, grouped_power_iteration
+from ..norms.geometry import ConvGeometry, conv_geometry, padding_norm
 from ..norms.training import (ROW_BASIS_LIMIT, SWEEP_BUDGET, BlockGradient, Grid, block_at, block_power_steps, complex_norm,
                               row_basis_size, row_spectrum, row_spectrum_basis, tap_drift,
                               subgrid, tap_phases, top_vectors)
-from .base import LipschitzNormalization, compute_dtype
+from .base import LipschitzNormalization, _autocast_off, compute_dtype
 from .options import POWER_ITERS, check_power_iters
-from .rescale import TrainBound
+from .rescale import RescaleMany, TrainBound, bound_floor, floor_masked, rescaled
 
 _PRIME_ITERS = 1000  # power iterations at registration, so training starts warm
 
@@ -49,11 +49,48 @@ class MatrixNormalization(LipschitzNormalization):
     def _matrices(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.reshape(self.groups, weight.shape[0] // self.groups, -1)
 
+    def batch_key(self, weight: torch.Tensor) -> Optional[tuple]:
+        # one matrix, bounded as it is: many such layers share one call of train_forwards
+        if self.groups != 1 or type(self).transform is not LipschitzNormalization.transform:
+            return None
+        return (type(self), self.power_iters, weight.dtype, weight.device)
+
+    @classmethod
+    def train_forwards(cls, layers: Sequence[tuple["MatrixNormalization", torch.Tensor]]) -> list[torch.Tensor]:
+        """The training-mode weights of many one-matrix layers of one :meth:`batch_key`, as
+        :meth:`train_bound` and ``_train_forward`` compute them one at a time (the same steps,
+        the same state updates), with the power steps' vector work shared by all of them."""
+        norms = [p for p, _ in layers]
+        weights = [w for _, w in layers]
+        with _autocast_off(weights[0].device.type):
+            with torch.no_grad():
+                mats = [w.detach().to(compute_dtype(w)).reshape(w.shape[0], -1) for w in weights]
+                steps = fixed_power_steps_list(mats, [p.v[0] for p in norms], norms[0].power_iters)
+                bounds = _lifted(norms, steps)
+            scales = [p.scale() for p in norms]
+            grad = torch.is_grad_enabled()
+            live = [i for i, (w, s) in enumerate(zip(weights, scales)) if grad and (w.requires_grad or s.requires_grad)]
+            out = [None if i in live else rescaled(w, s, b, False)
+                   for i, (w, s, b) in enumerate(zip(weights, scales, bounds))]
+            if live:  # one autograd node for all of them (RescaleMany)
+                floor = bound_floor(bounds[live[0]].value.dtype)
+                values = torch._foreach_clamp_min([bounds[i].value for i in live], floor)
+                lefts = [floor_masked(bounds[i].gradient.left, bounds[i].value, floor) for i in live]
+                args = ([weights[i] for i in live] + [scales[i] for i in live] + list(values)
+                        + lefts + [bounds[i].gradient.right for i in live])
+                for i, w in zip(live, RescaleMany.apply(len(live), *args)):
+                    out[i] = w
+            return out
+
     @torch.no_grad()
     def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
         """``power_iters`` warm-started power steps per group; sigma = ||A v|| (an estimate from
         below) with gradient u v^T at the group that attains the maximum. Everything stays on
         the device: the group is an on-device argmax, the residual is kept in ``residual``."""
+        if self.groups == 1:  # the batched path's arithmetic, so both give the same weights
+            mat = weight.to(compute_dtype(weight)).reshape(weight.shape[0], -1)
+            [bound] = _lifted([self], fixed_power_steps_list([mat], [self.v[0]], self.power_iters))
+            return bound if gradient else TrainBound(bound.value, None)
         steps = fixed_power_steps(self._matrices(weight.to(compute_dtype(weight))), self.v, self.power_iters)
         self.v.copy_(steps.next)
         if self.groups == 1:
@@ -85,6 +122,19 @@ class MatrixNormalization(LipschitzNormalization):
     def rounding_terms(self, weight: torch.Tensor) -> float:
         rows, cols = weight.shape[0] // self.groups, weight[0].numel()
         return math.sqrt(min(rows, cols))
+
+
+@torch.no_grad()
+def _lifted(norms: Sequence[MatrixNormalization], steps: PowerStepsList) -> list[TrainBound]:
+    """Store the state of one-matrix layers' power steps (next vectors, residuals) and return
+    their bounds sigma * sqrt(1 + residual) with the gradient factors (see train_bound)."""
+    torch._foreach_copy_([p.v[0] for p in norms], steps.next)
+    torch._foreach_copy_([p.residual for p in norms], steps.residual)
+    lift = torch._foreach_sqrt(torch._foreach_add(steps.residual, 1.0))
+    values = torch._foreach_mul(steps.sigma, lift)
+    lefts = torch._foreach_mul(steps.u, lift)
+    return [TrainBound(value, BlockGradient(0, left.unsqueeze(1), right.unsqueeze(0)))
+            for value, left, right in zip(values, lefts, steps.v)]
 
 
 _PRECISE = ("_pairs", "_cosines", "_vals", "_slack", "spectral_v", "_prev")
@@ -130,7 +180,11 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
     and step (docs/math.md, section 7.3).
     """
 
-    differentiable_bound = True  # train_bound returns a value with autograd history (see base)
+    @property
+    def differentiable_bound(self) -> bool:  # type: ignore[override]
+        """Swept sizes give their value with autograd history; when every size is bounded from
+        the cosine table, the gradient comes in closed form (a :class:`BlockGradient`)."""
+        return any(c is not None for c in self._chunks)
 
     def __init__(self, conv: nn.Module, sizes: Sequence[Sequence[int]], K: float, scaling: str = "hard",
                  s_init: float = 3.0, name: str = "", power_iters: int = POWER_ITERS) -> None:
@@ -191,6 +245,8 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         like the pointwise layers' (docs/math.md, 7.3).
         """
         w = weight.to(compute_dtype(weight))
+        if not self.differentiable_bound:
+            return self._row_bounds(w.detach(), gradient)
         if not gradient:
             w = w.detach()
         values = []
@@ -209,6 +265,76 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
                 self._prev.copy_(w.detach())
         value = values[0] if len(values) == 1 else torch.stack(values).amax()
         return TrainBound(value, None)
+
+    @torch.no_grad()
+    def _row_bounds(self, w: torch.Tensor, gradient: bool) -> TrainBound:
+        """Every size bounded from its cosine table (one-row/one-column blocks): the peak of the
+        power spectrum P(f) = sum_r k_r^T C(f) k_r, with C(f) the cosine matrix of the tap
+        offsets, and its gradient in closed form, d (c sqrt(P)) / d k_r = c^2 C(f*) k_r / value
+        at the peak f* (C is symmetric), sitting in the peak's group. No autograd graph: the
+        backward is :class:`Rescale`'s, a few kernels whatever the spectrum's size."""
+        taps = math.prod(w.shape[2:])
+        kernels = w.reshape(self.groups, -1, taps)  # (G, rows, taps)
+        rows = kernels.shape[1]
+        # the gram O = sum_r k_r k_r^T by broadcasting: tiny batched matmuls are slow on CPU
+        outer = kernels.unsqueeze(-1) * kernels.unsqueeze(-2)
+        gram = (outer[:, 0] if rows == 1 else outer.sum(1)).reshape(self.groups, -1)
+        tiny = torch.finfo(w.dtype).tiny
+        found = []  # per size: (value, group, the gradient's block)
+        for i, factor in enumerate(self._grid_factors()):
+            pairs, cosines = self._tables(i, w.dtype)  # (taps^2, D), (F, D)
+            peaks, where = ((gram @ pairs) @ cosines.T).max(1)  # per group: its largest power and frequency
+            group = peaks.argmax().reshape(1)  # on the device: never read on the host
+            value = peaks.index_select(0, group)[0].clamp_min(0).sqrt()
+            value = value if factor == 1.0 else value * factor
+            right = None
+            if gradient:
+                cos = (pairs @ cosines.index_select(0, where.index_select(0, group))[0]).reshape(taps, taps)
+                right = (kernels.index_select(0, group)[0] @ cos) * ((factor * factor) / value.clamp_min(tiny))
+            found.append((value, group, right))
+        if len(found) == 1:
+            value, group, right = found[0]
+        else:  # the largest over the sizes, chosen on the device
+            values = torch.stack([v for v, _, _ in found])
+            best = values.argmax().reshape(1)
+            value = values.index_select(0, best)[0]
+            group = torch.stack([g for _, g, _ in found]).index_select(0, best)[0]
+            right = torch.stack([r for _, _, r in found]).index_select(0, best)[0] if gradient else None
+        if not gradient:
+            return TrainBound(value, None)
+        return TrainBound(value, BlockGradient(group[0] if self.groups > 1 else 0, self._identity(rows, w), right))
+
+    def _identity(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """The gradient's left factor (rows x rows), made once per dtype and device."""
+        if torch.compiler.is_compiling():
+            return torch.eye(rows, dtype=like.dtype, device=like.device)
+        cache = self.__dict__.setdefault("_eyes", {})
+        key = (rows, like.dtype, like.device)
+        if key not in cache:
+            cache[key] = torch.eye(rows, dtype=like.dtype, device=like.device)
+        return cache[key]
+
+    def _grid_factors(self) -> tuple[float, ...]:
+        """||P|| of the padding at each size (host constants of the geometry, computed once)."""
+        factors = self.__dict__.get("_factors")
+        if factors is None:
+            factors = tuple(1.0 if self.padding_mode == "zeros" else padding_norm(self.padding_mode, n, self.pads)
+                            for n in self.sizes)  # as subgrid's
+            self.__dict__["_factors"] = factors
+        return factors
+
+    def _tables(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Size ``i``'s tables in ``dtype``: pairs (taps^2, D) and the cosines transposed (F, D),
+        from the float64 buffers, made once and kept while the buffers are the same tensors (a
+        move or cast of the module replaces them)."""
+        pairs, cosines = getattr(self, f"_pairs{i}"), getattr(self, f"_cosines{i}")
+        if torch.compiler.is_compiling():
+            return pairs.to(dtype), cosines.T.to(dtype)
+        cache = self.__dict__.setdefault("_cast_tables", {})
+        hit = cache.get((i, dtype))
+        if hit is None or hit[0] is not pairs or hit[1] is not cosines:
+            hit = cache[(i, dtype)] = (pairs, cosines, pairs.to(dtype), cosines.T.to(dtype).contiguous())
+        return hit[2], hit[3]
 
     def _row_bound(self, w: torch.Tensor, i: int, grid: Grid) -> torch.Tensor:
         """Blocks with one row or one column on a small grid (the 2-norm is the Frobenius norm):
@@ -280,6 +406,12 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
 
     def _block(self, w: torch.Tensor, i: int, grid: Grid, index: torch.Tensor) -> torch.Tensor:
         return block_at(w, self.groups, grid, index, self._steps, self._columns)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        for key in ("_cast_tables", "_eyes"):  # derived from the buffers: made again when needed
+            state.pop(key, None)
+        return state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # checkpoints from before issue 17 kept a drift reference as extra state and no sweep

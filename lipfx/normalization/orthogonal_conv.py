@@ -108,7 +108,6 @@ def block_kernel(projectors: torch.Tensor, kernel_size: Sequence[int], left: Opt
     pair, ``U[t_1, t_2, ...] = A_1[t_1] A_2[t_2] ...``. The matrices multiply the first and last
     dims' taps, so the c x c kernel is never formed for a thin H."""
     g, m, c, _ = projectors.shape
-    nd = len(kernel_size)
     if m != sum(k - 1 for k in kernel_size):
         raise ValueError(f"{m} projectors for kernel {tuple(kernel_size)}")
     lines = _lines(projectors, kernel_size)  # (g, k_d, c, c) per dim with k_d > 1

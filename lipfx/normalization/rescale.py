@@ -8,6 +8,7 @@ a device tensor (the argmax group included): nothing here waits for the device.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -52,8 +53,8 @@ class Rescale(torch.autograd.Function):
             g = grad_out.reshape(-1, left.shape[0], right.shape[1])
             coef = (-t / b).to(g.dtype)
             left, right = left.to(g.dtype), right.to(g.dtype)
-            if g.shape[0] == 1:
-                grad_w = torch.addmm(g[0], left * coef, right).mul_(c)
+            if g.shape[0] == 1:  # c G, then the rank-r term in place: two passes over G, not three
+                grad_w = torch.mul(g[0], c).addmm_(left * (coef * c), right)
             else:
                 grad_w = g * c
                 row = index.reshape(1) if index is not None else torch.full((1,), ctx.group, device=g.device)
@@ -62,3 +63,72 @@ class Rescale(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_s = (t / b).to(scale.dtype).reshape(scale.shape)
         return grad_w, grad_s, None, None, None, None
+
+
+class RescaleMany(torch.autograd.Function):
+    """:class:`Rescale` of many one-group weights in one autograd node, each with its bound's
+    gradient ``left @ right`` over the whole weight (``left``: rows x r): the forward is one
+    foreach product and the backward does per weight only its two passes over the incoming
+    gradient (the dot product t and the rank-r update), the rest in foreach kernels.
+
+    ``RescaleMany.apply(n, *weights, *scales, *bounds, *lefts, *rights)`` returns the n weights."""
+
+    @staticmethod
+    def forward(ctx, n: int, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weights, scales, bounds = args[:n], args[n:2 * n], args[2 * n:3 * n]
+        factors = [f.to(w.dtype) for f, w in zip(torch._foreach_div(list(scales), list(bounds)), weights)]
+        ctx.n = n
+        ctx.save_for_backward(*args, *factors)
+        ctx.set_materialize_grads(False)  # an unused weight's gradient stays None: skipped
+        return tuple(torch._foreach_mul(list(weights), factors))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        n, saved = ctx.n, ctx.saved_tensors
+        weights, scales, bounds, lefts, rights, factors = (saved[i * n:(i + 1) * n] for i in range(6))
+        grad_w: list = [None] * n
+        grad_s: list = [None] * n
+        live = [i for i in range(n) if grads[i] is not None]
+        if live:
+            ts = [torch.dot(grads[i].reshape(-1), weights[i].reshape(-1)).to(bounds[i].dtype) for i in live]
+            ratios = torch._foreach_div(ts, [bounds[i] for i in live])  # t / b
+            wanted = [k for k, i in enumerate(live) if ctx.needs_input_grad[1 + i]]
+            if wanted:
+                idx = [live[k] for k in wanted]
+                scaled = torch._foreach_mul([grads[i].contiguous() for i in idx], [factors[i] for i in idx])  # c G
+                for g, k, i in zip(scaled, wanted, idx):  # - c (t / b) D, in place, rounded as Rescale does
+                    left, right = lefts[i].to(g.dtype), rights[i].to(g.dtype)
+                    g.view(left.shape[0], right.shape[1]).addmm_(left * ((-ratios[k]).to(g.dtype) * factors[i]), right)
+                    grad_w[i] = g
+            for k, i in enumerate(live):
+                if ctx.needs_input_grad[1 + n + i]:
+                    grad_s[i] = ratios[k].to(scales[i].dtype).reshape(scales[i].shape)
+        return (None, *grad_w, *grad_s, *([None] * (3 * n)))
+
+
+def bound_floor(dtype: torch.dtype) -> float:
+    """The smallest bound a training step divides by: sqrt(tiny) * 2^24 (1.8e-12 in float32).
+    Below it the squares that norms and power steps sum underflow (a float32 layer with entries
+    near 1e-20 had its norm estimated at a tenth of the truth), so smaller estimates are noise;
+    dividing by the floor instead is sound (the layer's norm is then K * norm / floor < K) and
+    keeps a zero layer's gradient finite."""
+    return math.sqrt(torch.finfo(dtype).tiny) * 2.0 ** 24
+
+
+def rescaled(weight: torch.Tensor, scale: torch.Tensor, bound: TrainBound, needs_grad: bool) -> torch.Tensor:
+    """``weight * scale / bound``, the bound at least :func:`bound_floor`; through
+    :class:`Rescale` when gradients are wanted and the bound brought its own (else autograd, if
+    any, goes through the bound's value)."""
+    floor = bound_floor(bound.value.dtype)
+    value = bound.value.clamp_min(floor)
+    if not needs_grad or bound.gradient is None:
+        return weight * (scale / value).to(weight.dtype)
+    g = bound.gradient
+    return Rescale.apply(weight, scale, value, g.group, floor_masked(g.left, bound.value, floor), g.right)
+
+
+def floor_masked(left: torch.Tensor, value: torch.Tensor, floor: float) -> torch.Tensor:
+    """The gradient factor of max(value, floor): 0 where the floor holds (the estimate below it
+    is noise, its lift and vectors too)."""
+    return left * (value > floor).to(left.dtype)

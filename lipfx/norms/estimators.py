@@ -123,9 +123,13 @@ def fixed_power_steps(a: torch.Tensor, v: torch.Tensor, steps: int) -> PowerStep
     this for every layer): the first steps only set a direction, and one guard at the end keeps
     the starting vector of a zero group instead of collapsing it to 0."""
     tiny = torch.finfo(a.dtype).tiny
-    start = w = v.to(a.dtype)
+    # a copy: with one step w is returned as the gradient's factor, and the caller then
+    # overwrites its state with the next vector (the gradient would use that one)
+    start = w = v.to(a.dtype, copy=True)
     for _ in range(steps - 1):
-        y = torch.bmm(torch.bmm(a, w.unsqueeze(-1)).mT, a).squeeze(1)
+        x = torch.bmm(a, w.unsqueeze(-1))
+        x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True).clamp_min(tiny)  # A^T A w would be ~sigma^2: it underflows first
+        y = torch.bmm(x.mT, a).squeeze(1)
         w = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(tiny)
     x = torch.bmm(a, w.unsqueeze(-1)).squeeze(-1)
     sigma = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
@@ -136,6 +140,45 @@ def fixed_power_steps(a: torch.Tensor, v: torch.Tensor, steps: int) -> PowerStep
     norm_y = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
     nxt = torch.where(norm_y > 0, y / norm_y.clamp_min(tiny), start)
     return PowerSteps(sigma.squeeze(-1), u, w, nxt, residual.squeeze(-1), steps)
+
+
+class PowerStepsList(NamedTuple):
+    """:class:`PowerSteps` of many single matrices at once: each field a list, one per matrix."""
+
+    sigma: list  # 0-d ||A v||: an estimate from below
+    u: list  # (m,) A v / sigma
+    v: list  # (n,) the unit vector sigma and u belong to
+    next: list  # (n,) the following iterate: the warm start for the next call
+    residual: list  # 0-d ||A^T A v - sigma^2 v|| / sigma^2
+
+
+@torch.no_grad()
+def fixed_power_steps_list(matrices: Sequence[torch.Tensor], vectors: Sequence[torch.Tensor], steps: int) -> PowerStepsList:
+    """:func:`fixed_power_steps` on many matrices of different shapes (each (m, n), with its unit
+    vector (n,)): the same iteration, with every vector operation one ``torch._foreach_*`` call
+    over all of them, so a training step of a network with many pointwise layers costs two
+    matrix-vector products per matrix and step plus a few dozen kernels in all, not per layer."""
+    a = list(matrices)
+    tiny = torch.finfo(a[0].dtype).tiny
+    start = w = [v.to(m.dtype, copy=True) for m, v in zip(a, vectors)]  # never the caller's state (see fixed_power_steps)
+    for _ in range(steps - 1):
+        x = [torch.mv(m, wi) for m, wi in zip(a, w)]
+        norms = torch._foreach_norm(x)
+        torch._foreach_clamp_min_(norms, tiny)
+        y = [torch.mv(m.T, xi) for m, xi in zip(a, torch._foreach_div(x, norms))]  # A^T (A w / ||A w||): no underflow
+        norms = torch._foreach_norm(y)
+        torch._foreach_clamp_min_(norms, tiny)
+        w = torch._foreach_div(y, norms)
+    x = [torch.mv(m, wi) for m, wi in zip(a, w)]
+    sigma = torch._foreach_norm(x)
+    safe = torch._foreach_clamp_min(sigma, tiny)
+    u = torch._foreach_div(x, safe)
+    y = [torch.mv(m.T, ui) for m, ui in zip(a, u)]  # A^T u: sigma ||y - sigma w|| is the residual
+    residual = torch._foreach_div(torch._foreach_norm(torch._foreach_sub(y, torch._foreach_mul(w, sigma))), safe)
+    norm_y = torch._foreach_norm(y)
+    unit = torch._foreach_div(y, torch._foreach_clamp_min(norm_y, tiny))
+    nxt = [torch.where(n > 0, yi, s) for n, yi, s in zip(norm_y, unit, start)]  # a zero matrix keeps its vector
+    return PowerStepsList(sigma, u, w, nxt, residual)
 
 
 def grouped_power_iteration(
