@@ -93,14 +93,10 @@ class MatrixNormalization(LipschitzNormalization):
             return bound if gradient else TrainBound(bound.value, None)
         steps = fixed_power_steps(self._matrices(weight.to(compute_dtype(weight))), self.v, self.power_iters)
         self.v.copy_(steps.next)
-        if self.groups == 1:
-            group, value, res = 0, steps.sigma.reshape(()), steps.residual.reshape(())
-            left, right = steps.u.mT, steps.v
-        else:
-            group = steps.sigma.argmax()
-            pick = group.reshape(1)
-            value, res = steps.sigma.index_select(0, pick)[0], steps.residual.amax()
-            left, right = steps.u.index_select(0, pick).mT, steps.v.index_select(0, pick)
+        group = steps.sigma.argmax()
+        pick = group.reshape(1)
+        value, res = steps.sigma.index_select(0, pick)[0], steps.residual.amax()
+        left, right = steps.u.index_select(0, pick).mT, steps.v.index_select(0, pick)
         self.residual.copy_(res)
         # sigma^2 + residual is the top of the interval [sigma^2 - r, sigma^2 + r] that holds an
         # eigenvalue of A^T A (Krylov-Weinstein): after a large weight change the warm vector
