@@ -21,13 +21,13 @@ from torch import nn
 
 from ..norms.conv import conv_bound, grouped_matrix_norm
 from ..norms.estimators import PowerStepsList, fixed_power_steps, fixed_power_steps_list, grouped_power_iteration
-from ..norms.geometry import ConvGeometry, conv_geometry, padding_norm
+from ..norms.geometry import ConvGeometry, conv_geometry
 from ..norms.training import (ROW_BASIS_LIMIT, SWEEP_BUDGET, BlockGradient, Grid, block_at, block_power_steps, complex_norm,
                               row_basis_size, row_spectrum, row_spectrum_basis, tap_drift,
                               subgrid, tap_phases, top_vectors)
 from .base import LipschitzNormalization, _autocast_off, compute_dtype
 from .options import POWER_ITERS, check_power_iters
-from .rescale import RescaleMany, TrainBound, bound_floor, floor_masked, rescaled
+from .rescale import TrainBound, rescaled_many
 
 _PRIME_ITERS = 1000  # power iterations at registration, so training starts warm
 
@@ -67,20 +67,7 @@ class MatrixNormalization(LipschitzNormalization):
                 mats = [w.detach().to(compute_dtype(w)).reshape(w.shape[0], -1) for w in weights]
                 steps = fixed_power_steps_list(mats, [p.v[0] for p in norms], norms[0].power_iters)
                 bounds = _lifted(norms, steps)
-            scales = [p.scale() for p in norms]
-            grad = torch.is_grad_enabled()
-            live = [i for i, (w, s) in enumerate(zip(weights, scales)) if grad and (w.requires_grad or s.requires_grad)]
-            out = [None if i in live else rescaled(w, s, b, False)
-                   for i, (w, s, b) in enumerate(zip(weights, scales, bounds))]
-            if live:  # one autograd node for all of them (RescaleMany)
-                floor = bound_floor(bounds[live[0]].value.dtype)
-                values = torch._foreach_clamp_min([bounds[i].value for i in live], floor)
-                lefts = [floor_masked(bounds[i].gradient.left, bounds[i].value, floor) for i in live]
-                args = ([weights[i] for i in live] + [scales[i] for i in live] + list(values)
-                        + lefts + [bounds[i].gradient.right for i in live])
-                for i, w in zip(live, RescaleMany.apply(len(live), *args)):
-                    out[i] = w
-            return out
+            return rescaled_many(weights, [p.scale() for p in norms], bounds)
 
     @torch.no_grad()
     def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
@@ -277,7 +264,7 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         gram = (outer[:, 0] if rows == 1 else outer.sum(1)).reshape(self.groups, -1)
         tiny = torch.finfo(w.dtype).tiny
         found = []  # per size: (value, group, the gradient's block)
-        for i, factor in enumerate(self._grid_factors()):
+        for i, factor in enumerate(self._grid_factors(w)):
             pairs, cosines = self._tables(i, w.dtype)  # (taps^2, D), (F, D)
             peaks, where = ((gram @ pairs) @ cosines.T).max(1)  # per group: its largest power and frequency
             group = peaks.argmax().reshape(1)  # on the device: never read on the host
@@ -310,13 +297,11 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
             cache[key] = torch.eye(rows, dtype=like.dtype, device=like.device)
         return cache[key]
 
-    def _grid_factors(self) -> tuple[float, ...]:
-        """||P|| of the padding at each size (host constants of the geometry, computed once)."""
+    def _grid_factors(self, w: torch.Tensor) -> tuple[float, ...]:
+        """``subgrid``'s ||P|| at each size: host constants of the geometry, computed once."""
         factors = self.__dict__.get("_factors")
         if factors is None:
-            factors = tuple(1.0 if self.padding_mode == "zeros" else padding_norm(self.padding_mode, n, self.pads)
-                            for n in self.sizes)  # as subgrid's
-            self.__dict__["_factors"] = factors
+            factors = self.__dict__["_factors"] = tuple(subgrid(self._geometry(w), n).factor for n in self.sizes)
         return factors
 
     def _tables(self, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ a device tensor (the argmax group included): nothing here waits for the device.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -126,6 +126,25 @@ def rescaled(weight: torch.Tensor, scale: torch.Tensor, bound: TrainBound, needs
         return weight * (scale / value).to(weight.dtype)
     g = bound.gradient
     return Rescale.apply(weight, scale, value, g.group, floor_masked(g.left, bound.value, floor), g.right)
+
+
+def rescaled_many(weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+                  bounds: Sequence[TrainBound]) -> list[torch.Tensor]:
+    """:func:`rescaled` of many weights whose bounds all bring a one-group gradient: those that
+    want gradients through one :class:`RescaleMany` node, the others as plain products."""
+    grad = torch.is_grad_enabled()
+    live = [i for i, (w, s) in enumerate(zip(weights, scales)) if grad and (w.requires_grad or s.requires_grad)]
+    wanted = set(live)
+    out = [None if i in wanted else rescaled(w, s, b, False) for i, (w, s, b) in enumerate(zip(weights, scales, bounds))]
+    if live:
+        floor = bound_floor(bounds[live[0]].value.dtype)
+        values = torch._foreach_clamp_min([bounds[i].value for i in live], floor)
+        lefts = [floor_masked(bounds[i].gradient.left, bounds[i].value, floor) for i in live]
+        args = ([weights[i] for i in live] + [scales[i] for i in live] + list(values)
+                + lefts + [bounds[i].gradient.right for i in live])
+        for i, w in zip(live, RescaleMany.apply(len(live), *args)):
+            out[i] = w
+    return out
 
 
 def floor_masked(left: torch.Tensor, value: torch.Tensor, floor: float) -> torch.Tensor:
