@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lipfx
-from lipfx.normalization.orthogonal import AOLNormalization
+from lipfx.normalization.orthogonal import AOLNormalization, OrthogonalNormalization
 from lipfx.normalization.orthogonal_conv import (AOLConvNormalization, OrthogonalConvNormalization, aol_conv,
                                                  block_kernel, gnp_conv_reason)
 from lipfx.norms.geometry import conv_geometry
@@ -107,17 +109,82 @@ def _torus_singular_values(conv: nn.Module, w: torch.Tensor, size: tuple) -> tor
     return s
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN's TF32 convs)")
-def test_strided_bcop_kernel_on_cuda_is_built_without_tf32(monkeypatch):
-    """cuDNN may run float32 convs in TF32; the strided kernel built on the GPU in float32 must
-    still be a co-isometry to float32 rounding (TF32 factors missed it by ~2e-4)."""
+class _ComputeDtypes(TorchDispatchMode):
+    """Records the dtypes of every matmul, solve and conv run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if any(k in name for k in ("mm", "solve", "convolution", "mv")):
+            self.seen += [(name, a.dtype) for a in args if isinstance(a, torch.Tensor)]
+        return func(*args, **(kwargs or {}))
+
+
+def _gnp_map(index: int) -> tuple[nn.Module, torch.Tensor]:
+    """(map, raw weight): orthogonal linear, AOL 1x1, BCOP, strided BCOP (a conv of
+    ``_STRIDED``), AOL conv (a conv of ``_AOL_CONV``)."""
+    if index < 2:
+        kind = OrthogonalNormalization if index == 0 else AOLNormalization
+        w = torch.randn(16, 8) if index == 0 else torch.randn(8, 16, 1, 1)
+        return kind(w.clone(), 1, 1.0), w + 0.1 * torch.randn(w.shape)
+    if index < 4:
+        conv = nn.Conv2d(8, 16, 3, padding=1) if index == 2 else _STRIDED()
+        return bcop(conv, (6, 6) if index == 2 else (8, 8)), conv.parametrizations.weight.original
+    conv = _AOL_CONV()
+    return AOLConvNormalization(conv, [(6, 6)], 1.0, name="conv"), conv.weight
+
+
+def _STRIDED() -> nn.Module:
+    return nn.Conv2d(16, 16, 3, stride=2, padding=1)
+
+
+def _AOL_CONV() -> nn.Module:
+    return nn.Conv2d(8, 4, 3, padding=1)
+
+
+@pytest.mark.parametrize("index", range(5), ids=["orthogonal", "aol", "bcop", "bcop-strided", "aol-conv"])
+def test_gnp_maps_on_cuda_compute_in_float64(index):
+    """On CUDA, float32 matmuls and convs may run in TF32 (cuDNN's default for convs,
+    ``set_float32_matmul_precision("high")`` for matmuls): operands rounded to 10 mantissa bits,
+    and an orthogonal weight built that way is off by ~4e-4 (simulated on CPU), above the norm 1
+    training mode claims. So every product, solve and conv of the maps runs in float64 there.
+    Checked on this machine with fake CUDA tensors (no device needed): on the CPU the same maps
+    run in float32, so the check can tell the two apart."""
+    p, weight = _gnp_map(index)
+    with _ComputeDtypes() as cpu:
+        assert p.transform(weight).dtype == torch.float32
+    assert cpu.seen and {d for _, d in cpu.seen} == {torch.float32}, cpu.seen
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        p_cuda, w_cuda = p.to("cuda"), weight.to("cuda")
+        with _ComputeDtypes() as cuda:
+            out = p_cuda.transform(w_cuda)
+        assert out.device.type == "cuda" and out.dtype == torch.float32
+    assert {d for _, d in cuda.seen} == {torch.float64}, cuda.seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (TF32 convs and matmuls)")
+@pytest.mark.parametrize("index", range(5), ids=["orthogonal", "aol", "bcop", "bcop-strided", "aol-conv"])
+def test_gnp_maps_built_on_cuda_with_tf32_on_keep_their_norm(index, monkeypatch):
+    """The real thing on a GPU, TF32 on for convs and matmuls: the map's output has norm <= 1
+    to float32 rounding, and the orthogonal ones every singular value 1."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    conv = nn.Conv2d(16, 16, 3, stride=2, padding=1)
-    p = bcop(conv, (8, 8))
-    conv.cuda()
-    w = p.transform(conv.parametrizations.weight.original).detach().cpu().double()
-    s = _torus_singular_values(conv, w, (8, 8))
-    assert float((s - 1).abs().max()) < 1e-5, (float(s.min()), float(s.max()))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    p, weight = _gnp_map(index)
+    w = p.cuda().transform(weight.detach().cuda()).detach().cpu().double()
+    if index == 3:
+        s = _torus_singular_values(_STRIDED(), w, (8, 8))
+    elif index == 4:
+        s = torch.linalg.svdvals(dense(_AOL_CONV(), w, (6, 6)))
+    elif index == 2:  # zero padding crops the whole-grid isometry: norm <= 1, not every value 1
+        s = torch.linalg.svdvals(dense(nn.Conv2d(8, 16, 3, padding=1), w, (6, 6)))
+    else:
+        s = torch.linalg.svdvals(w.reshape(w.shape[0], -1))
+    assert float(s.max()) <= 1 + 1e-5, float(s.max())
+    if index in (0, 3):
+        assert float(s.min()) >= 1 - 1e-5, float(s.min())
 
 
 def test_strided_convs_that_keep_the_subsampled_kernel():

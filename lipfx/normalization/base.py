@@ -207,6 +207,17 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)
 
 
+def exact_map_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the gradient-norm-preserving maps (Cayley, Björck, AOL, BCOP) are computed in:
+    :func:`compute_dtype`, except float64 for float32 on CUDA. There cuDNN runs float32 convs
+    in TF32 by default and ``torch.set_float32_matmul_precision("high")`` does the same for
+    matmuls: operands rounded to 10 mantissa bits, and a weight built from rounded factors
+    misses (co-)isometry by ~1e-4 to 1e-3, above the norm <= 1 these maps claim. The maps act
+    on weights, not activations, so float64 costs little next to the step."""
+    dtype = compute_dtype(weight)
+    return torch.float64 if weight.is_cuda and dtype == torch.float32 else dtype
+
+
 def _autocast_off(device_type: str):
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)

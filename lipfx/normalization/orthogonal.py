@@ -22,7 +22,7 @@ import math
 import torch
 
 from ..norms.conv import grouped_matrix_norm
-from .base import LipschitzNormalization, _autocast_off, compute_dtype
+from .base import LipschitzNormalization, _autocast_off, compute_dtype, exact_map_dtype
 from .rescale import TrainBound
 
 
@@ -133,7 +133,7 @@ class AOLNormalization(LipschitzNormalization):
         # never under autocast: eval mode bounds this map's output once and applies it again
         # later, so both evaluations must give the same values whatever autocast says then
         with _autocast_off(weight.device.type):
-            x = self._matrices(weight.to(compute_dtype(weight)))
+            x = self._matrices(weight.to(exact_map_dtype(weight)))
             return self._gnp(x).reshape(weight.shape).to(weight.dtype)
 
     def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:

@@ -18,7 +18,8 @@ for convs with a spatial kernel (docs/math.md, section 16).
 Both claim norm <= 1 in training mode, which holds for zero padding with any stride and dilation
 (the layer is a crop of the whole-grid conv, subsampled) and for circular padding that wraps at
 most once; :func:`gnp_conv_reason` refuses the rest, which stay spectrally normalized. (In float32
-each block adds rounding: measured up to 1 + 2e-6 for 32 blocks, 1 + 1e-6 for 3x3 kernels.) Eval
+each block adds rounding: measured up to 1 + 2e-6 for 32 blocks, 1 + 1e-6 for 3x3 kernels; on
+CUDA the maps run in float64, :func:`.base.exact_map_dtype`, since TF32 would add ~4e-4.) Eval
 mode divides by the certified FFT bound of the mapped kernel where it exceeds 1 (round-off), and
 by nothing otherwise: the eval network is the trained one, every layer's norm <= K.
 """
@@ -34,23 +35,13 @@ from torch import nn
 
 from ..errors import ArgumentError
 from ..norms.geometry import ConvGeometry, conv_geometry
-from .base import LipschitzNormalization, _autocast_off, compute_dtype
+from .base import LipschitzNormalization, _autocast_off, compute_dtype, exact_map_dtype
 from .layers import SpatialConvFrame
 from .orthogonal import completed_polar, keep_wide, stiefel
 from .rescale import TrainBound
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-def _untruncated(conv, x: torch.Tensor, w: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``conv(x, w, **kwargs)`` without TF32: cuDNN runs float32 convs in TF32 by default
-    (torch.backends.cudnn.allow_tf32), which rounds the operands to 10 mantissa bits, and a
-    kernel built from rounded factors misses (co-)isometry by ~2e-4 (simulated on CPU). These
-    convs build weights from small factors, so on CUDA they run in float64."""
-    if x.is_cuda and x.dtype == torch.float32:
-        return conv(x.double(), w.double(), **kwargs).float()
-    return conv(x, w, **kwargs)
 
 
 def gnp_conv_reason(geom: ConvGeometry) -> Optional[str]:
@@ -76,7 +67,7 @@ def gram_row_sums(weight: torch.Tensor, groups: int) -> torch.Tensor:
     # cin_g "images" of cout channels, filtered by the kernel with its in/out roles swapped
     images = weight.transpose(0, 1)
     filters = weight.reshape(groups, cout_g, cin_g, *taps).transpose(1, 2).reshape(groups * cin_g, cout_g, *taps)
-    gram = _untruncated(_CONV[len(taps)], images, filters, padding=tuple(k - 1 for k in taps), groups=groups)
+    gram = _CONV[len(taps)](images, filters, padding=tuple(k - 1 for k in taps), groups=groups)
     return gram.abs().sum(dim=(0,) + tuple(range(2, gram.dim()))).reshape(groups, cin_g)
 
 
@@ -179,7 +170,7 @@ def strided_kernel(r: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     g, o, c = r.shape[:3]
     nd = r.dim() - 3
     image = r.transpose(0, 1).reshape(o, g * c, *r.shape[3:])
-    w = _untruncated(_CONV_T[nd], image, u.reshape(g * c, u.shape[2], *u.shape[3:]), groups=g)  # (o, g * i, *k)
+    w = _CONV_T[nd](image, u.reshape(g * c, u.shape[2], *u.shape[3:]), groups=g)  # (o, g * i, *k)
     return w.reshape(o, g, u.shape[2], *w.shape[2:]).transpose(0, 1)
 
 
@@ -226,7 +217,7 @@ class _SpatialGNP(SpatialConvFrame, LipschitzNormalization):
     def transform(self, weight: torch.Tensor) -> torch.Tensor:
         # never under autocast: eval mode bounds this map's output once and applies it later
         with _autocast_off(weight.device.type):
-            return self._map(weight.to(compute_dtype(weight))).to(weight.dtype)
+            return self._map(weight.to(exact_map_dtype(weight))).to(weight.dtype)
 
     def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
         return TrainBound(torch.ones((), dtype=compute_dtype(weight), device=weight.device), None)
