@@ -22,7 +22,7 @@ from torch import nn
 from ..norms.conv import conv_bound, grouped_matrix_norm
 from ..norms.estimators import PowerStepsList, fixed_power_steps, fixed_power_steps_list, grouped_power_iteration
 from ..norms.geometry import ConvGeometry, conv_geometry
-from ..norms.training import (ROW_BASIS_LIMIT, SWEEP_BUDGET, BlockGradient, Grid, block_at, block_power_steps, complex_norm,
+from ..norms.training import (ROW_BASIS_LIMIT, SWEEP_BUDGET, SWEEP_TOP, BlockGradient, Grid, block_at, block_power_steps, complex_norm,
                               row_basis_size, row_spectrum, row_spectrum_basis, tap_drift,
                               subgrid, tap_phases, top_vectors)
 from .base import LipschitzNormalization, _autocast_off, compute_dtype
@@ -179,7 +179,8 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         self.dense = min(cout_g, weight.shape[1] * phases) > 1
         self.kind = "fft@" + self._sizes_label()
         rows, taps = cout_g * weight.shape[1], math.prod(weight.shape[2:])
-        self._chunks: list = []  # per size: None (whole spectrum by the cosine table) or blocks per step
+        self._chunks: list = []  # per size: None (whole spectrum by the cosine table) or blocks per step in turn
+        self._tops: list = []  # per size: blocks per step with the largest bounds (swept sizes only)
         for i, n in enumerate(self.sizes):
             grid = subgrid(geom, n)
             if i == 0:  # host-side constants of the blocks' phase maps (integers), moved with the module
@@ -191,9 +192,13 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
                 self.register_buffer(f"_pairs{i}", pairs, persistent=False)
                 self.register_buffer(f"_cosines{i}", cosines, persistent=False)
                 self._chunks.append(None)
+                self._tops.append(0)
                 continue
             blocks = self.groups * math.prod(grid.frequencies)
-            self._chunks.append(max(1, min(blocks, SWEEP_BUDGET // ((rows + taps) * 2 * phases))))
+            per_step = max(1, min(blocks, SWEEP_BUDGET // ((rows + taps) * 2 * phases)))
+            top = per_step // SWEEP_TOP if per_step < blocks else 0
+            self._chunks.append(per_step - top)
+            self._tops.append(top)
             state = compute_dtype(weight)  # never below float32 (_apply keeps it so)
             self.register_buffer(f"_vals{i}", weight.new_zeros(blocks, dtype=state))  # each block's norm when last evaluated
             self.register_buffer(f"_slack{i}", weight.new_zeros(blocks, dtype=state))  # drift since then
@@ -364,14 +369,20 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         getattr(self, f"_slack{i}").index_fill_(0, index, 0)  # (slack[index] = 0 would copy a host scalar)
 
     def _swept_bound(self, w: torch.Tensor, i: int, grid: Grid, drift: torch.Tensor) -> torch.Tensor:
-        """Spectra too large for every step: ``chunk`` blocks re-evaluated per step in turn, the
-        others bounded by their last value plus the kernel's tap drift since (section 7.4); the
-        value has the gradient of the peak block's current norm."""
-        chunk = self._chunks[i]
+        """Spectra too large for every step: ``chunk`` blocks re-evaluated per step in turn and
+        the ``top`` others with the largest bounds (value + slack), the rest bounded by their
+        last value plus the kernel's tap drift since (section 7.4); the value has the gradient of
+        the peak block's current norm. Re-evaluating the largest keeps the peak's slack near 0
+        whatever the sweep's length: a stale block that overtakes them is refreshed the next step."""
+        chunk, top = self._chunks[i], self._tops[i]
         vals, slack, cursor = (getattr(self, f"{k}{i}") for k in ("_vals", "_slack", "_cursor"))
         with torch.no_grad():
             slack.add_((drift * grid.factor).to(slack.dtype))
-            self._evaluate(w.detach(), i, grid, (cursor + torch.arange(chunk, device=w.device)) % vals.shape[0])
+            index = (cursor + torch.arange(chunk, device=w.device)) % vals.shape[0]
+            if top:  # disjoint from the blocks in turn: index_copy_ with repeated indices is nondeterministic
+                scores = (vals + slack).index_fill_(0, index, -math.inf)
+                index = torch.cat((index, scores.topk(top, sorted=False).indices))
+            self._evaluate(w.detach(), i, grid, index)
             cursor.copy_((cursor + chunk) % vals.shape[0])
             bounds = vals.to(w.dtype) + slack.to(w.dtype)
             peak = bounds.argmax().reshape(1)  # index_select: a 0-d index tensor would be read on the host

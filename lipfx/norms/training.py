@@ -165,7 +165,8 @@ def row_spectrum(weight: torch.Tensor, groups: int, pairs: torch.Tensor, cosines
 
 
 ROW_BASIS_LIMIT = 1 << 22  # cosine-table entries per input size beyond which the spectrum is swept
-SWEEP_BUDGET = 1 << 19  # elements a swept conv's per-step block evaluation may allocate
+SWEEP_BUDGET = 1 << 17  # elements a swept conv's per-step block evaluation may allocate
+SWEEP_TOP = 4  # 1/SWEEP_TOP of a step's swept blocks are those with the largest bounds (the rest in turn)
 
 
 def row_basis_size(grid: Grid) -> int:
