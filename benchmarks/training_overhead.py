@@ -18,6 +18,9 @@ Variants, all on the same converted network:
   full-power  one warm-started power step per forward on the full conv operator (i-ResNet's
               approach; its state is input-sized)
 Step = forward + backward + SGD step (under torch.autocast with --amp; fp16 adds a GradScaler).
+weights = every parametrized weight computed as the training forward computes it, and a fixed
+gradient back-propagated through them, alone (median over at least 10 rounds; not with
+--compile): the normalization's fixed cost per step, which the step time's variance hides.
 Variants run interleaved, round after round, and the median step time is reported with its ratio
 to `plain`; state = bytes of normalization buffers; syncs = tensor values read on the host in one
 step (lipfx.host_syncs: each is a wait for the device on a GPU).
@@ -188,6 +191,33 @@ CASES = {
 }
 
 
+def weights_step(net: nn.Module):
+    """A function that computes every parametrized weight of ``net`` as its training forward
+    does (the model's forward pre-hooks first: lipfx's batched path) and back-propagates a fixed
+    random gradient through them: the normalization's own fixed cost per step, without the
+    convolutions whose step-to-step variance hides it in the step time. None without any."""
+    mods = [m for m in net.modules() if parametrize.is_parametrized(m)]
+    if not mods:
+        return None
+    names = [(m, n) for m in mods for n in m.parametrizations]
+    with torch.no_grad():
+        grads = [torch.randn_like(getattr(m, n)) for m, n in names]
+    leaves = [p for p in net.parameters()]
+
+    def step() -> None:
+        for hook in list(net._forward_pre_hooks.values()):
+            hook(net, ())
+        try:
+            torch.autograd.backward([getattr(m, n) for m, n in names], grads)
+        finally:
+            for hook in list(net._forward_hooks.values()):
+                hook(net, (), None)
+        for p in leaves:
+            p.grad = None
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="a,b,c")
@@ -207,7 +237,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; malloc: {malloc}; amp: {args.amp}; "
           f"channels_last: {args.channels_last}; compiled: {args.compile}; {args.steps} timed rounds after 2 warm-up rounds")
-    print(f"{'case':<32} {'variant':<11} {'step (ms)':>10} {'ratio':>7} {'state bytes':>12} {'syncs':>6}")
+    print(f"{'case':<32} {'variant':<11} {'step (ms)':>10} {'ratio':>7} {'weights (ms)':>12} {'state bytes':>12} {'syncs':>6}")
     for key in args.cases.split(","):
         label, make, shape, bn, classes = CASES[key]
         model = make().eval()
@@ -224,9 +254,12 @@ def main() -> None:
             fn()  # first steps (and compilation) outside the counter
         syncs = {k: host_syncs(fn) for k, fn in steps.items()}
         medians = interleaved_medians(steps, args.steps, args.device)
+        own = {} if args.compile else {k: fn for k, fn in ((k, weights_step(v)) for k, v in nets.items()) if fn}
+        own = interleaved_medians(own, max(args.steps, 10), args.device) if own else {}
         for k, med in medians.items():
+            weights = f"{own[k] * 1e3:12.1f}" if k in own else f"{'-':>12}"
             print(f"{label + ' b=' + str(batch[key]):<32} {k:<11} {med * 1e3:10.1f} {med / medians['plain']:7.3f} "
-                  f"{state_bytes(nets[k]):12,d} {syncs[k]:6d}")
+                  f"{weights} {state_bytes(nets[k]):12,d} {syncs[k]:6d}")
 
 
 if __name__ == "__main__":

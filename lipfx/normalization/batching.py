@@ -4,7 +4,8 @@ A forward pre-hook on the model computes all training-mode weights back to back 
 kernels run together, before the big convolutions have evicted their code and data from the
 caches), and their backward runs together after the network's. Layers of one kind that say so
 (``batch_key``) are computed by one call: one-matrix pointwise and linear layers share their
-power steps' vector work (:meth:`MatrixNormalization.train_forwards`). A layer takes the prepared weight
+power steps' vector work (:meth:`MatrixNormalization.train_forwards`), depthwise layers of one kernel
+shape their power spectrum's (:meth:`ConvNormalization.train_forwards`). A layer takes the prepared weight
 only when the tensor, its version and the grad mode match; otherwise it computes its own.
 """
 

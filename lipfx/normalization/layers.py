@@ -13,6 +13,7 @@ Which module gets which kind is the ``normalization`` piece of its op table entr
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence
 
@@ -27,7 +28,7 @@ from ..norms.training import (ROW_BASIS_LIMIT, SWEEP_BUDGET, SWEEP_TOP, BlockGra
                               subgrid, tap_phases, top_vectors)
 from .base import LipschitzNormalization, _autocast_off, compute_dtype
 from .options import POWER_ITERS, check_power_iters
-from .rescale import TrainBound, rescaled_many
+from .rescale import TrainBound, rescaled, rescaled_many
 
 _PRIME_ITERS = 1000  # power iterations at registration, so training starts warm
 
@@ -225,6 +226,26 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
                 self._buffers[name] = before.to(device=after.device, dtype=dtype)
         return out
 
+    def batch_key(self, weight: torch.Tensor) -> Optional[tuple]:
+        # one input size bounded from its cosine table (depthwise convs on small grids): layers
+        # whose kernels have the same rows and taps share the power spectrum's work
+        if (self.differentiable_bound or len(self.sizes) != 1
+                or type(self).transform is not LipschitzNormalization.transform):
+            return None
+        return (type(self), weight.shape[0] // self.groups * weight.shape[1], weight.shape[2:], weight.dtype, weight.device)
+
+    @classmethod
+    def train_forwards(cls, layers: Sequence[tuple["ConvNormalization", torch.Tensor]]) -> list[torch.Tensor]:
+        """The training-mode weights of many layers of one :meth:`batch_key`, as ``_train_forward``
+        computes them one at a time, with their bounds from :func:`_row_bounds_many`."""
+        norms = [p for p, _ in layers]
+        with _autocast_off(layers[0][1].device.type):
+            scales = [p.scale() for p in norms]
+            wanted = [torch.is_grad_enabled() and (w.requires_grad or s.requires_grad) for (_, w), s in zip(layers, scales)]
+            bounds = _row_bounds_many(norms, [w.detach().to(compute_dtype(w)) for _, w in layers], any(wanted))
+            return [rescaled(w, s, b if grad else TrainBound(b.value, None), grad)
+                    for (_, w), s, b, grad in zip(layers, scales, bounds, wanted)]
+
     def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
         """The FFT bound over the whole spectrum at every input size, as a 0-d tensor whose
         autograd history is that of its argmax block (``weight`` is the live weight when
@@ -234,6 +255,8 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         """
         w = weight.to(compute_dtype(weight))
         if not self.differentiable_bound:
+            if len(self.sizes) == 1:  # the batched path's arithmetic, so both give the same weights
+                return _row_bounds_many([self], [w.detach()], gradient)[0]
             return self._row_bounds(w.detach(), gradient)
         if not gradient:
             w = w.detach()
@@ -415,6 +438,68 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         for n in stale:
             state_dict[prefix + n] = getattr(self, n)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+@torch.no_grad()
+def _row_bounds_many(norms: Sequence[ConvNormalization], weights: Sequence[torch.Tensor],
+                     gradient: bool) -> list[TrainBound]:
+    """:meth:`ConvNormalization._row_bounds` of many layers at one input size each, whose
+    kernels have the same rows and taps per group: the groups' gram vectors of all layers in one
+    tensor, one pair of matmuls per distinct cosine table (layers of one geometry share theirs),
+    then each layer's peak group, value and gradient found for all layers at once on the device."""
+    first = weights[0]
+    taps = math.prod(first.shape[2:])
+    kernels = torch.cat([w.reshape(p.groups, -1, taps) for p, w in zip(norms, weights)]) if len(norms) > 1 else \
+        first.reshape(norms[0].groups, -1, taps)  # (sum G, rows, taps)
+    rows = kernels.shape[1]
+    outer = kernels.unsqueeze(-1) * kernels.unsqueeze(-2)  # tiny batched matmuls are slow on CPU
+    gram = (outer[:, 0] if rows == 1 else outer.sum(1)).reshape(kernels.shape[0], -1)
+    starts = list(itertools.accumulate((p.groups for p in norms), initial=0))
+    # layers with the same tables: by their geometry (host-side constants), in first-seen order
+    tables: dict = {}
+    for k, p in enumerate(norms):
+        tables.setdefault((p.sizes, p.stride, p.dilation, p.pads, p.padding_mode), []).append(k)
+    peaks = first.new_empty(kernels.shape[0])
+    where = torch.empty(kernels.shape[0], dtype=torch.long, device=first.device)
+    for members in tables.values():
+        pairs, cosines = norms[members[0]]._tables(0, first.dtype)  # (taps^2, D), (F, D)
+        rows_of = torch.cat([torch.arange(starts[k], starts[k + 1], device=first.device) for k in members]) \
+            if len(members) < len(norms) else None
+        g = gram if rows_of is None else gram.index_select(0, rows_of)
+        p_t, w_t = ((g @ pairs) @ cosines.T).max(1)  # per group: its largest power and frequency
+        if rows_of is None:
+            peaks, where = p_t, w_t
+        else:
+            peaks.index_copy_(0, rows_of, p_t)
+            where.index_copy_(0, rows_of, w_t)
+    # each layer's peak group, on the device: the groups laid out (layers, max groups), -inf padded
+    width = max(p.groups for p in norms)
+    if len(norms) == 1:
+        best = peaks.argmax().reshape(1)
+    else:
+        slots = torch.cat([torch.arange(p.groups, device=first.device) + k * width for k, p in enumerate(norms)])
+        padded = peaks.new_full((len(norms) * width,), -math.inf).index_copy_(0, slots, peaks)
+        best = padded.reshape(len(norms), width).argmax(1)
+    at = best + torch.tensor(starts[:-1], device=first.device) if len(norms) > 1 else best
+    factors = [p._grid_factors(w)[0] for p, w in zip(norms, weights)]
+    values = peaks.index_select(0, at).clamp_min(0).sqrt()
+    if any(f != 1.0 for f in factors):
+        values = values * torch.tensor(factors, dtype=values.dtype, device=values.device)
+    out = []
+    picked = where.index_select(0, at) if gradient else None
+    tiny = torch.finfo(first.dtype).tiny
+    for k, (p, w) in enumerate(zip(norms, weights)):
+        value = values[k]
+        if not gradient:
+            out.append(TrainBound(value, None))
+            continue
+        pairs, cosines = p._tables(0, first.dtype)
+        cos = (pairs @ cosines.index_select(0, picked[k:k + 1])[0]).reshape(taps, taps)
+        group = best[k:k + 1]
+        kernel = kernels.index_select(0, at[k:k + 1])[0]
+        right = (kernel @ cos) * ((factors[k] * factors[k]) / value.clamp_min(tiny))
+        out.append(TrainBound(value, BlockGradient(group[0] if p.groups > 1 else 0, p._identity(rows, w), right)))
+    return out
 
 
 class DiagonalNormalization(LipschitzNormalization):
