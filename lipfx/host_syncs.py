@@ -2,10 +2,12 @@
 
 On an accelerator every ``float(t)``, ``int(t)``, ``bool(t)``, ``t.item()``, indexing with a 0-d
 tensor, a boolean mask or ``nonzero`` (whose output size depends on the values) blocks the host
-until the device queue has drained, and breaks ``torch.compile`` graphs. The counter watches the
-dispatcher for the ops that read values (``aten._local_scalar_dense``, ``is_nonzero``, ``equal``,
-``nonzero``, ...) and patches the entry points that bypass it (``tolist``, ``numpy``, ``cpu``), on
-every device, so a CPU-only test finds the reads a GPU would wait on.
+until the device queue has drained, and breaks ``torch.compile`` graphs. So does a tensor made
+from host data (``torch.tensor([...], device=...)``: a blocking host-to-device copy). The counter
+watches the dispatcher for the ops that read values (``aten._local_scalar_dense``, ``is_nonzero``,
+``equal``, ``nonzero``, ...) or bring host data in (``lift_fresh``, which every ``torch.tensor``
+goes through, on the CPU too) and patches the entry points that bypass it (``tolist``, ``numpy``,
+``cpu``), on every device, so a CPU-only test finds the waits a GPU would have.
 
     with count_host_syncs() as syncs:
         loss = net(x).mean(); loss.backward()
@@ -25,7 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # ops whose result is a host value, or whose output shape depends on tensor values
 _SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero", "nonzero_static",
                        "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
-                       "unique_dim_consecutive", "repeat_interleave", "bincount", "histc"})
+                       "unique_dim_consecutive", "repeat_interleave", "bincount", "histc",
+                       "lift_fresh"})  # a tensor made from host data: a blocking copy onto an accelerator
 _INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
 _METHODS = ("tolist", "numpy", "cpu")  # read memory directly, without an aten op
 

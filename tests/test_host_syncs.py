@@ -107,7 +107,8 @@ def test_the_counter_sees_every_kind_of_read():
     with count_host_syncs() as syncs:
         float(t), int(t), bool(t), t.item(), t.tolist(), [0, 1][t.long()], t.cpu()
         v[t.long()], v[v > 0], torch.equal(v, v), v.nonzero()  # reads inside C++ count too
-    assert syncs.total == 11, syncs
+        torch.tensor([1, 2], device=v.device)  # host data in: a blocking copy onto an accelerator
+    assert syncs.total == 12, syncs
     assert "test_host_syncs.py" in repr(syncs)  # and says where they were written
 
 

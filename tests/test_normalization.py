@@ -16,6 +16,7 @@ from torch import nn
 import lipfx
 from lipfx.layers import ChannelAffine
 from lipfx.norms import operator_norm
+from lipfx.norms.estimators import WARM_MIX, generic_vector
 from lipfx.normalization import ConvNormalization, DiagonalNormalization, MatrixNormalization, normalized_layers
 
 from test_convert import randomize_batchnorm
@@ -223,7 +224,8 @@ def test_swept_spectrum_stays_an_upper_bound_between_evaluations(conv, size, mon
     (docs/math.md, 7.4). Forced here with small budgets (3 to 4 steps per sweep), once with blocks
     in turn only and once with the largest refreshed too, on the same kernels: the value is never
     below the circulant bound (dense blocks: by more than 1e-3, their power-iterated estimates)
-    and at most 2 x slack above it, the slack being what ``residual`` reports. In turn only, the
+    and at most 2 x slack above it (dense blocks: plus 1e-2, their residual lift), the slack
+    being what ``residual`` reports. In turn only, the
     slack is really used; refreshing the largest keeps the peak's mean slack at half of that or
     less, over four kernels."""
     import lipfx.normalization.layers as layers
@@ -258,8 +260,9 @@ def test_swept_spectrum_stays_an_upper_bound_between_evaluations(conv, size, mon
                 got = float(p.train_bound(w.detach(), gradient=False).value)
                 stacked = phase_stack(_dilate(w.detach(), conv.dilation), conv.groups, conv.stride)
                 fft = max_transfer_norm(stacked, sub)
-                low = 1e-3 if p.dense else 1e-7  # dense blocks: power-iterated estimates; depthwise: round-off
-                assert fft * (1 - low) <= got <= fft * (1 + 1e-7) + 2 * float(p.residual) * got, (seed, top, step, got, fft)
+                # dense blocks: power-iterated estimates, raised by their residual lift; depthwise: round-off
+                low, high = (1e-3, 1e-2) if p.dense else (1e-7, 1e-7)
+                assert fft * (1 - low) <= got <= fft * (1 + high) + 2 * float(p.residual) * got, (seed, top, step, got, fft)
                 residuals.append(float(p.residual))
             mean[top] += sum(residuals) / len(residuals)
     assert mean[False] > 0  # the slack was really used
@@ -477,6 +480,49 @@ def test_batched_depthwise_bounds_are_each_layers_own():
         assert abs(bound - exact) <= 1e-5 * exact, (p.name, bound, exact)
         # the normalized weight is w / bound: its own exact bound is 1
         assert abs(p.exact_bound(b.detach()) - 1.0) <= 1e-5, p.name
+
+
+def test_batched_depthwise_bounds_at_several_sizes_are_each_layers_own():
+    """Layers used at several input sizes share a batch with layers used at one: the batch
+    orders its (layer, size) entries by cosine table, so a layer's sizes land apart and the
+    order differs from the layers'. Each layer must still get the largest of its own sizes'
+    float64 circulant bounds (the certificate's computation; reflect padding bounded through
+    ||P||, never below it) and the weights and gradients of the same layer computed alone. A
+    strong layer shares the table of a weak layer's second size and a weak layer's first size is
+    its largest, so an entry read from the wrong layer or size shows in the values."""
+    from lipfx.norms.conv import conv_bound
+    from lipfx.norms.geometry import conv_geometry
+
+    torch.manual_seed(0)
+    made = [(nn.Conv2d(5, 5, 3, padding=1, groups=5), [(7, 7), (12, 9)], 1.0),
+            (nn.Conv2d(3, 3, 3, padding=1, groups=3), [(12, 9)], 20.0),
+            (nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, padding_mode="reflect"), [(9, 9), (6, 6)], 3.0),
+            (nn.Conv2d(6, 6, 3, padding=1, groups=6), [(7, 7)], 0.5),
+            (nn.Conv2d(1, 1, 3, padding=1), [(5, 5), (7, 7)], 2.0)]
+    convs, layers = [], []
+    for conv, sizes, gain in made:
+        conv = conv.double()
+        with torch.no_grad():
+            conv.weight.mul_(gain)
+        p = ConvNormalization(conv, sizes, K=1.3).double().train()
+        convs.append((conv, sizes))
+        layers.append((p, nn.Parameter(conv.weight.detach().clone())))
+    keys = {p.batch_key(w) for p, w in layers}
+    assert len(keys) == 1 and None not in keys
+    grads = [torch.randn(w.shape, dtype=torch.float64) for _, w in layers]
+    batched = ConvNormalization.train_forwards(layers)
+    got = torch.autograd.grad(batched, [w for _, w in layers], grads)
+    alone = [p._train_forward(w) for p, w in layers]
+    want = torch.autograd.grad(alone, [w for _, w in layers], grads)
+    for (p, w), (conv, sizes), b, a, gb, ga in zip(layers, convs, batched, alone, got, want):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=0)
+        torch.testing.assert_close(gb, ga, rtol=1e-10, atol=1e-14)
+        exact = max(conv_bound(conv_geometry(conv, ""), n, "") for n in sizes)
+        used = float(w.detach().norm() * p.scale() / b.detach().norm())  # the bound each weight was divided by
+        if conv.padding_mode == "zeros":
+            assert used == pytest.approx(exact, rel=1e-9), sizes
+        else:
+            assert exact * (1 - 1e-9) <= used <= exact * 1.5, sizes
 
 
 def _linear(conv: nn.Module) -> nn.Module:
@@ -748,8 +794,8 @@ def test_pointwise_layers_computed_together_match_one_at_a_time(monkeypatch):
 def test_one_power_step_gradient_uses_the_vector_it_was_taken_at(batched):
     """With power_iters=1 the bound is ||A v|| at the stored vector v, and its gradient factor
     must be that v, not the next iterate the state is then overwritten with (it once was: the
-    factor aliased the state). Reference: autograd through W * K / (lift * ||W v||), v and the
-    lift held fixed. A layer called twice per forward and two forwards per backward work."""
+    factor aliased the state). Reference: autograd through W * K / (lift * ||W v||), v (the
+    stored vector with the generic vector mixed in) and the lift held fixed. A layer called twice per forward and two forwards per backward work."""
     torch.manual_seed(0)
     net = lipfx.convert(nn.Sequential(nn.Linear(6, 5)), torch.randn(1, 6), K=1.5, power_iters=1, batched=batched).train()
     [(_, host, p)] = list(normalized_layers(net))
@@ -761,12 +807,69 @@ def test_one_power_step_gradient_uses_the_vector_it_was_taken_at(batched):
     (grad,) = torch.autograd.grad((host.weight * g).sum(), w)
     assert not torch.allclose(p.v[0], v0)  # the state moved on
     lift = torch.sqrt(1 + p.residual)
+    start = v0 + WARM_MIX * generic_vector(6, v0.dtype)  # the warm start with the generic vector mixed in
+    start = start / start.norm()
     ref_w = w.detach().clone().requires_grad_(True)
-    (ref,) = torch.autograd.grad((ref_w * 1.5 / (lift * torch.linalg.vector_norm(ref_w @ v0)) * g).sum(), ref_w)
+    (ref,) = torch.autograd.grad((ref_w * 1.5 / (lift * torch.linalg.vector_norm(ref_w @ start)) * g).sum(), ref_w)
     assert torch.allclose(grad, ref, rtol=1e-5, atol=1e-7)
     x = torch.randn(3, 6)
     (net(x).sum() + net(x).square().sum()).backward()  # two forwards, one backward
     assert torch.isfinite(w.grad).all()
+
+
+def test_warm_starts_leave_an_invariant_subspace():
+    """A warm vector that is an exact lower singular vector of a block-diagonal weight would stay
+    one forever (its residual is 0, so the lift does not help): found by an attack, the trained
+    norm reached 5x K after a weight jump and 19-52x K under plain SGD on data confined to one
+    feature. The generic vector mixed into every warm start (estimators.generic_vector) lets the
+    top direction in. Against the dense SVD of the weight each layer really uses: a linear layer
+    and a dense conv kept whole after a jump to a new top singular vector, and SGD at lr 0.5 that
+    makes a once-tiny direction the top one."""
+    from reference import dense_matrix
+
+    lin = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.diag(torch.tensor([2.0, 1.5, 0.1, 0.1])))
+    net = lipfx.convert(nn.Sequential(lin), torch.randn(1, 4), K=1.0).train()
+    m = net.get_submodule("0")
+    with torch.no_grad():
+        m.parametrizations.weight.original.copy_(torch.diag(torch.tensor([1.0, 0.5, 5.0, 0.1])))
+    for _ in range(5):
+        used = m.weight.detach().double()
+    assert torch.linalg.matrix_norm(used, 2) <= 1 + 1e-3
+
+    k = torch.tensor([[0.1, 0.2, 0.1], [0.2, 1.0, 0.2], [0.1, 0.2, 0.1]])
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.diag(torch.tensor([2.0, 1.5, 0.1, 0.1]))[:, :, None, None] * k)
+    net = lipfx.convert(nn.Sequential(conv), torch.randn(1, 4, 6, 6), K=1.0, separable=None).train()
+    m = net.get_submodule("0")
+    assert m.parametrizations.weight[0].dense
+    with torch.no_grad():
+        m.parametrizations.weight.original.copy_(torch.diag(torch.tensor([1.0, 0.5, 5.0, 0.1]))[:, :, None, None] * k)
+    for _ in range(8):  # the sweep visits every block within a few steps
+        used = m.weight.detach().double()
+    op = dense_matrix(lambda x: m._conv_forward(x, used, None), (4, 6, 6))
+    assert torch.linalg.matrix_norm(op, 2) <= 1 + 1e-3
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        lin = nn.Linear(4, 4, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.diag(torch.tensor([2.0, 1.5, 0.1, 0.1])))
+        net = lipfx.convert(nn.Sequential(lin), torch.randn(1, 4), K=1.0).train()
+        m = net.get_submodule("0")
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        x = torch.zeros(8, 4)
+        x[:, 2] = torch.randn(8)
+        norms = []
+        for _ in range(40):
+            opt.zero_grad()
+            used = m.weight
+            norms.append(float(torch.linalg.matrix_norm(used.detach().double(), 2)))
+            (-(nn.functional.linear(x, used)[:, 2] * x[:, 2]).mean()).backward()
+            opt.step()
+        assert max(norms[20:]) <= 1 + 1e-3, (seed, norms)  # the lag of the first large steps is over
 
 
 def test_tiny_and_zero_weights_stay_within_K_with_finite_gradients():

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import ArgumentError, LipfxError
+from ..norms.estimators import generic_vector
 from .rescale import TrainBound, rescaled
 
 SCALINGS = ("hard", "soft")
@@ -139,6 +140,24 @@ class LipschitzNormalization(nn.Module):
         kinds with a key compute them together."""
         return [p._train_forward(w) for p, w in layers]
 
+    def _constant(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """What ``make`` builds from host constants alone (an identity, a generic vector, a batch
+        layout), made once per ``key`` and kept beside the state, not in it (dropped from
+        pickles); made afresh under torch.compile, where it becomes a constant of the graph."""
+        if torch.compiler.is_compiling():
+            return make()
+        cache = self.__dict__.setdefault("_constants", {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    def _mix(self, matrices: torch.Tensor) -> torch.Tensor:
+        """The generic vector (one per column count of ``matrices``, real) that power steps add
+        to their warm starts (:func:`~lipfx.norms.estimators.generic_vector`)."""
+        n = matrices.shape[-1]
+        return self._constant(("mix", n, matrices.dtype, matrices.device),
+                              lambda: generic_vector(n, matrices.dtype, matrices.device))
+
     @torch.compiler.disable  # python-side cache and float64 certificates: run eagerly
     def _eval_factor(self, weight: torch.Tensor) -> float:
         """1 / (bound * (1 + delta)) (at most 1 for ``bounded_by_construction`` kinds), recomputed
@@ -184,6 +203,7 @@ class LipschitzNormalization(nn.Module):
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
         state["_prepared"] = None  # a non-leaf tensor of a running forward: never copied or pickled
+        state.pop("_constants", None)  # made again when needed
         return state
 
     def constant(self) -> float:

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..norms.conv import conv_bound, grouped_matrix_norm
-from ..norms.estimators import PowerStepsList, fixed_power_steps, fixed_power_steps_list, grouped_power_iteration
+from ..norms.estimators import (WARM_MIX, PowerStepsList, fixed_power_steps, fixed_power_steps_list,
+                                grouped_power_iteration)
 from ..norms.geometry import ConvGeometry, conv_geometry
 from ..norms.training import (ROW_BASIS_LIMIT, SWEEP_BUDGET, SWEEP_TOP, BlockGradient, Grid, block_at, block_power_steps, complex_norm,
                               row_basis_size, row_spectrum, row_spectrum_basis, tap_drift,
                               subgrid, tap_phases, top_vectors)
 from .base import LipschitzNormalization, _autocast_off, compute_dtype
 from .options import POWER_ITERS, check_power_iters
-from .rescale import TrainBound, rescaled, rescaled_many
+from .rescale import TrainBound, rescaled_many
 
 _PRIME_ITERS = 1000  # power iterations at registration, so training starts warm
 
@@ -66,7 +67,8 @@ class MatrixNormalization(LipschitzNormalization):
         with _autocast_off(weights[0].device.type):
             with torch.no_grad():
                 mats = [w.detach().to(compute_dtype(w)).reshape(w.shape[0], -1) for w in weights]
-                steps = fixed_power_steps_list(mats, [p.v[0] for p in norms], norms[0].power_iters)
+                steps = fixed_power_steps_list(mats, [p.v[0] for p in norms], norms[0].power_iters,
+                                               [p._mix(m) for p, m in zip(norms, mats)])
                 bounds = _lifted(norms, steps)
             return rescaled_many(weights, [p.scale() for p in norms], bounds)
 
@@ -77,9 +79,10 @@ class MatrixNormalization(LipschitzNormalization):
         the device: the group is an on-device argmax, the residual is kept in ``residual``."""
         if self.groups == 1:  # the batched path's arithmetic, so both give the same weights
             mat = weight.to(compute_dtype(weight)).reshape(weight.shape[0], -1)
-            [bound] = _lifted([self], fixed_power_steps_list([mat], [self.v[0]], self.power_iters))
+            [bound] = _lifted([self], fixed_power_steps_list([mat], [self.v[0]], self.power_iters, [self._mix(mat)]))
             return bound if gradient else TrainBound(bound.value, None)
-        steps = fixed_power_steps(self._matrices(weight.to(compute_dtype(weight))), self.v, self.power_iters)
+        mats = self._matrices(weight.to(compute_dtype(weight)))
+        steps = fixed_power_steps(mats, self.v, self.power_iters, self._mix(mats))
         self.v.copy_(steps.next)
         group = steps.sigma.argmax()
         pick = group.reshape(1)
@@ -227,10 +230,9 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         return out
 
     def batch_key(self, weight: torch.Tensor) -> Optional[tuple]:
-        # one input size bounded from its cosine table (depthwise convs on small grids): layers
+        # every input size bounded from its cosine table (depthwise convs on small grids): layers
         # whose kernels have the same rows and taps share the power spectrum's work
-        if (self.differentiable_bound or len(self.sizes) != 1
-                or type(self).transform is not LipschitzNormalization.transform):
+        if self.differentiable_bound or type(self).transform is not LipschitzNormalization.transform:
             return None
         return (type(self), weight.shape[0] // self.groups * weight.shape[1], weight.shape[2:], weight.dtype, weight.device)
 
@@ -239,12 +241,12 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         """The training-mode weights of many layers of one :meth:`batch_key`, as ``_train_forward``
         computes them one at a time, with their bounds from :func:`_row_bounds_many`."""
         norms = [p for p, _ in layers]
-        with _autocast_off(layers[0][1].device.type):
+        weights = [w for _, w in layers]
+        with _autocast_off(weights[0].device.type):
             scales = [p.scale() for p in norms]
-            wanted = [torch.is_grad_enabled() and (w.requires_grad or s.requires_grad) for (_, w), s in zip(layers, scales)]
-            bounds = _row_bounds_many(norms, [w.detach().to(compute_dtype(w)) for _, w in layers], any(wanted))
-            return [rescaled(w, s, b if grad else TrainBound(b.value, None), grad)
-                    for (_, w), s, b, grad in zip(layers, scales, bounds, wanted)]
+            grad = torch.is_grad_enabled() and any(w.requires_grad or s.requires_grad for w, s in zip(weights, scales))
+            bounds = _row_bounds_many(norms, [w.detach().to(compute_dtype(w)) for w in weights], grad)
+            return rescaled_many(weights, scales, bounds)
 
     def train_bound(self, weight: torch.Tensor, gradient: bool = True) -> TrainBound:
         """The FFT bound over the whole spectrum at every input size, as a 0-d tensor whose
@@ -254,10 +256,8 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         like the pointwise layers' (docs/math.md, 7.3).
         """
         w = weight.to(compute_dtype(weight))
-        if not self.differentiable_bound:
-            if len(self.sizes) == 1:  # the batched path's arithmetic, so both give the same weights
-                return _row_bounds_many([self], [w.detach()], gradient)[0]
-            return self._row_bounds(w.detach(), gradient)
+        if not self.differentiable_bound:  # the batched path's arithmetic, so both give the same weights
+            return _row_bounds_many([self], [w.detach()], gradient)[0]
         if not gradient:
             w = w.detach()
         values = []
@@ -277,53 +277,10 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         value = values[0] if len(values) == 1 else torch.stack(values).amax()
         return TrainBound(value, None)
 
-    @torch.no_grad()
-    def _row_bounds(self, w: torch.Tensor, gradient: bool) -> TrainBound:
-        """Every size bounded from its cosine table (one-row/one-column blocks): the peak of the
-        power spectrum P(f) = sum_r k_r^T C(f) k_r, with C(f) the cosine matrix of the tap
-        offsets, and its gradient in closed form, d (c sqrt(P)) / d k_r = c^2 C(f*) k_r / value
-        at the peak f* (C is symmetric), sitting in the peak's group. No autograd graph: the
-        backward is :class:`Rescale`'s, a few kernels whatever the spectrum's size."""
-        taps = math.prod(w.shape[2:])
-        kernels = w.reshape(self.groups, -1, taps)  # (G, rows, taps)
-        rows = kernels.shape[1]
-        # the gram O = sum_r k_r k_r^T by broadcasting: tiny batched matmuls are slow on CPU
-        outer = kernels.unsqueeze(-1) * kernels.unsqueeze(-2)
-        gram = (outer[:, 0] if rows == 1 else outer.sum(1)).reshape(self.groups, -1)
-        tiny = torch.finfo(w.dtype).tiny
-        found = []  # per size: (value, group, the gradient's block)
-        for i, factor in enumerate(self._grid_factors(w)):
-            pairs, cosines = self._tables(i, w.dtype)  # (taps^2, D), (F, D)
-            peaks, where = ((gram @ pairs) @ cosines.T).max(1)  # per group: its largest power and frequency
-            group = peaks.argmax().reshape(1)  # on the device: never read on the host
-            value = peaks.index_select(0, group)[0].clamp_min(0).sqrt()
-            value = value if factor == 1.0 else value * factor
-            right = None
-            if gradient:
-                cos = (pairs @ cosines.index_select(0, where.index_select(0, group))[0]).reshape(taps, taps)
-                right = (kernels.index_select(0, group)[0] @ cos) * ((factor * factor) / value.clamp_min(tiny))
-            found.append((value, group, right))
-        if len(found) == 1:
-            value, group, right = found[0]
-        else:  # the largest over the sizes, chosen on the device
-            values = torch.stack([v for v, _, _ in found])
-            best = values.argmax().reshape(1)
-            value = values.index_select(0, best)[0]
-            group = torch.stack([g for _, g, _ in found]).index_select(0, best)[0]
-            right = torch.stack([r for _, _, r in found]).index_select(0, best)[0] if gradient else None
-        if not gradient:
-            return TrainBound(value, None)
-        return TrainBound(value, BlockGradient(group[0] if self.groups > 1 else 0, self._identity(rows, w), right))
-
     def _identity(self, rows: int, like: torch.Tensor) -> torch.Tensor:
         """The gradient's left factor (rows x rows), made once per dtype and device."""
-        if torch.compiler.is_compiling():
-            return torch.eye(rows, dtype=like.dtype, device=like.device)
-        cache = self.__dict__.setdefault("_eyes", {})
-        key = (rows, like.dtype, like.device)
-        if key not in cache:
-            cache[key] = torch.eye(rows, dtype=like.dtype, device=like.device)
-        return cache[key]
+        return self._constant(("eye", rows, like.dtype, like.device),
+                              lambda: torch.eye(rows, dtype=like.dtype, device=like.device))
 
     def _grid_factors(self, w: torch.Tensor) -> tuple[float, ...]:
         """``subgrid``'s ||P|| at each size: host constants of the geometry, computed once."""
@@ -382,7 +339,11 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         blocks = self._block(w, i, grid, index)
         if self.dense:
             state = getattr(self, f"spectral_v{i}")
-            start = top_vectors(blocks) if prime else torch.view_as_complex(state[index].to(w.dtype))
+            if prime:
+                start = top_vectors(blocks)
+            else:  # the warm vectors with the generic vector mixed in, as the pointwise layers' (5.2)
+                start = torch.view_as_complex(state[index].to(w.dtype)) + WARM_MIX * self._mix(blocks.real)
+                start = start / complex_norm(start, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
             v, est = block_power_steps(blocks, start, 0 if prime else self.power_iters)
             state.index_copy_(0, index, torch.view_as_real(v).to(state.dtype))
         else:
@@ -424,7 +385,7 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
-        for key in ("_cast_tables", "_eyes"):  # derived from the buffers: made again when needed
+        for key in ("_cast_tables",):  # derived from the buffers: made again when needed
             state.pop(key, None)
         return state
 
@@ -440,13 +401,74 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
+class _RowBatch(NamedTuple):
+    """How :func:`_row_bounds_many` lays out a batch: one entry per (layer, input size), entries
+    ordered by cosine table so that each table's groups are one slice. Host constants, and device
+    index tensors made by device-side fills (a tensor made from a Python list would be a blocking
+    host-to-device copy on an accelerator)."""
+
+    tables: tuple  # per table: (layer, size) of its first entry, its groups' slice, its entries' slice
+    width: int  # the most groups of any entry
+    erows: Optional[torch.Tensor]  # the kernel row of every entry's group (None: the kernels in order)
+    slots: torch.Tensor  # each entry's group's place in (entries, width)
+    starts: torch.Tensor  # (entries,) each entry's first group among the entries' groups
+    rows: torch.Tensor  # (entries,) its layer's first kernel row
+    factors: Optional[torch.Tensor]  # (entries,) ||P|| of each entry (None: all 1)
+    layers: Optional[torch.Tensor]  # (layers, sizes) each layer's entries, -1 padded (None: one entry per layer, in order)
+
+
+def _row_batch(norms: Sequence["ConvNormalization"], weights: Sequence[torch.Tensor]) -> _RowBatch:
+    """The layout of a batch of ``norms``: made once per batch shape, kept by the first layer."""
+    geometry = tuple((p.groups, p.sizes, p.stride, p.dilation, p.pads, p.padding_mode) for p in norms)
+    key = ("rows", geometry, weights[0].dtype, weights[0].device)
+    return norms[0]._constant(key, lambda: _make_row_batch(norms, weights))
+
+
+def _make_row_batch(norms: Sequence["ConvNormalization"], weights: Sequence[torch.Tensor]) -> _RowBatch:
+    device = weights[0].device
+
+    def ints(values: Sequence[int]) -> torch.Tensor:
+        return torch.stack([torch.full((), v, dtype=torch.long, device=device) for v in values])
+
+    lstarts = list(itertools.accumulate((p.groups for p in norms), initial=0))
+    by_table: dict = {}  # geometry at one size -> its entries (layer, size), in first-seen order
+    for k, p in enumerate(norms):
+        for i, n in enumerate(p.sizes):
+            by_table.setdefault((n, p.stride, p.dilation, p.pads, p.padding_mode), []).append((k, i))
+    entries = [e for members in by_table.values() for e in members]
+    width = max(p.groups for p in norms)
+    estarts = list(itertools.accumulate((norms[k].groups for k, _ in entries), initial=0))
+    tables, e = [], 0
+    for members in by_table.values():
+        tables.append((members[0], slice(estarts[e], estarts[e + len(members)]), slice(e, e + len(members))))
+        e += len(members)
+    in_order = entries == [(k, 0) for k in range(len(norms))]
+    erows = None if in_order else torch.cat([torch.arange(norms[k].groups, device=device) + lstarts[k] for k, _ in entries])
+    slots = torch.cat([torch.arange(norms[k].groups, device=device) + j * width for j, (k, _) in enumerate(entries)])
+    factors = [norms[k]._grid_factors(weights[k])[i] for k, i in entries]
+    sizes = max(len(p.sizes) for p in norms)
+    layers = None
+    if not in_order:
+        place = {e: j for j, e in enumerate(entries)}
+        layers = ints([place.get((k, i), -1) for k in range(len(norms)) for i in range(sizes)]).reshape(len(norms), sizes)
+    return _RowBatch(tuple(tables), width, erows, slots, ints(estarts[:-1]), ints([lstarts[k] for k, _ in entries]),
+                     None if all(f == 1.0 for f in factors) else torch.stack(
+                         [torch.full((), f, dtype=weights[0].dtype, device=device) for f in factors]), layers)
+
+
 @torch.no_grad()
 def _row_bounds_many(norms: Sequence[ConvNormalization], weights: Sequence[torch.Tensor],
                      gradient: bool) -> list[TrainBound]:
-    """:meth:`ConvNormalization._row_bounds` of many layers at one input size each, whose
-    kernels have the same rows and taps per group: the groups' gram vectors of all layers in one
-    tensor, one pair of matmuls per distinct cosine table (layers of one geometry share theirs),
-    then each layer's peak group, value and gradient found for all layers at once on the device."""
+    """The training bounds of layers bounded from cosine tables at every input size (one-row or
+    one-column blocks: depthwise convs), whose kernels have the same rows and taps per group; one
+    layer or many (a batched forward), each at one size or several.
+
+    Per group, the peak of the power spectrum P(f) = sum_r k_r^T C(f) k_r, with C(f) the cosine
+    matrix of the tap offsets: the groups' gram vectors of all layers in one tensor, one pair of
+    matmuls per distinct cosine table. Each (layer, size)'s peak group and frequency, then each
+    layer's largest over its sizes, are found on the device, and the gradient comes in closed
+    form, d (c sqrt(P)) / d k_r = c^2 C(f*) k_r / value at the peak f* (C is symmetric), sitting
+    in the peak's group. No autograd graph: the backward is :class:`Rescale`'s."""
     first = weights[0]
     taps = math.prod(first.shape[2:])
     kernels = torch.cat([w.reshape(p.groups, -1, taps) for p, w in zip(norms, weights)]) if len(norms) > 1 else \
@@ -454,52 +476,39 @@ def _row_bounds_many(norms: Sequence[ConvNormalization], weights: Sequence[torch
     rows = kernels.shape[1]
     outer = kernels.unsqueeze(-1) * kernels.unsqueeze(-2)  # tiny batched matmuls are slow on CPU
     gram = (outer[:, 0] if rows == 1 else outer.sum(1)).reshape(kernels.shape[0], -1)
-    starts = list(itertools.accumulate((p.groups for p in norms), initial=0))
-    # layers with the same tables: by their geometry (host-side constants), in first-seen order
-    tables: dict = {}
-    for k, p in enumerate(norms):
-        tables.setdefault((p.sizes, p.stride, p.dilation, p.pads, p.padding_mode), []).append(k)
-    peaks = first.new_empty(kernels.shape[0])
-    where = torch.empty(kernels.shape[0], dtype=torch.long, device=first.device)
-    for members in tables.values():
-        pairs, cosines = norms[members[0]]._tables(0, first.dtype)  # (taps^2, D), (F, D)
-        rows_of = torch.cat([torch.arange(starts[k], starts[k + 1], device=first.device) for k in members]) \
-            if len(members) < len(norms) else None
-        g = gram if rows_of is None else gram.index_select(0, rows_of)
-        p_t, w_t = ((g @ pairs) @ cosines.T).max(1)  # per group: its largest power and frequency
-        if rows_of is None:
-            peaks, where = p_t, w_t
-        else:
-            peaks.index_copy_(0, rows_of, p_t)
-            where.index_copy_(0, rows_of, w_t)
-    # each layer's peak group, on the device: the groups laid out (layers, max groups), -inf padded
-    width = max(p.groups for p in norms)
-    if len(norms) == 1:
-        best = peaks.argmax().reshape(1)
-    else:
-        slots = torch.cat([torch.arange(p.groups, device=first.device) + k * width for k, p in enumerate(norms)])
-        padded = peaks.new_full((len(norms) * width,), -math.inf).index_copy_(0, slots, peaks)
-        best = padded.reshape(len(norms), width).argmax(1)
-    at = best + torch.tensor(starts[:-1], device=first.device) if len(norms) > 1 else best
-    factors = [p._grid_factors(w)[0] for p, w in zip(norms, weights)]
+    batch = _row_batch(norms, weights)
+    if batch.erows is not None:
+        gram = gram.index_select(0, batch.erows)
+    found = [((gram[g] @ pairs) @ cosines.T).max(1)  # per group: its largest power and frequency
+             for pairs, cosines, g in ((*norms[k]._tables(i, first.dtype), g) for (k, i), g, _ in batch.tables)]
+    peaks, where = (found[0] if len(found) == 1 else (torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])))
+    entries = batch.starts.shape[0]
+    padded = peaks.new_full((entries * batch.width,), -math.inf).index_copy_(0, batch.slots, peaks)
+    best = padded.reshape(entries, batch.width).argmax(1)  # each entry's peak group, on the device
+    at = best + batch.starts
     values = peaks.index_select(0, at).clamp_min(0).sqrt()
-    if any(f != 1.0 for f in factors):
-        values = values * torch.tensor(factors, dtype=values.dtype, device=values.device)
-    out = []
-    picked = where.index_select(0, at) if gradient else None
-    tiny = torch.finfo(first.dtype).tiny
-    for k, (p, w) in enumerate(zip(norms, weights)):
-        value = values[k]
-        if not gradient:
-            out.append(TrainBound(value, None))
-            continue
-        pairs, cosines = p._tables(0, first.dtype)
-        cos = (pairs @ cosines.index_select(0, picked[k:k + 1])[0]).reshape(taps, taps)
-        group = best[k:k + 1]
-        kernel = kernels.index_select(0, at[k:k + 1])[0]
-        right = (kernel @ cos) * ((factors[k] * factors[k]) / value.clamp_min(tiny))
-        out.append(TrainBound(value, BlockGradient(group[0] if p.groups > 1 else 0, p._identity(rows, w), right)))
-    return out
+    if batch.factors is not None:
+        values = values * batch.factors
+    right = None
+    if gradient:
+        freqs = where.index_select(0, at)
+        cos = [cosines.index_select(0, freqs[e]) @ pairs.T  # (entries of the table, taps^2)
+               for pairs, cosines, e in ((*norms[k]._tables(i, first.dtype), e) for (k, i), _, e in batch.tables)]
+        cos = (cos[0] if len(cos) == 1 else torch.cat(cos)).reshape(entries, taps, taps)
+        safe = values.clamp_min(torch.finfo(first.dtype).tiny)
+        scale = safe.reciprocal() if batch.factors is None else batch.factors.square() / safe
+        right = kernels.index_select(0, best + batch.rows).bmm(cos) * scale.reshape(-1, 1, 1)  # (entries, rows, taps)
+    if batch.layers is not None:  # each layer: the largest of its entries, on the device
+        valid = batch.layers >= 0
+        index = batch.layers.clamp_min(0)
+        pick = torch.where(valid, values.index_select(0, index.reshape(-1)).reshape(index.shape), -math.inf).argmax(1)
+        chosen = index.gather(1, pick.unsqueeze(1)).squeeze(1)
+        values, best = values.index_select(0, chosen), best.index_select(0, chosen)
+        right = None if right is None else right.index_select(0, chosen)
+    if not gradient:
+        return [TrainBound(v, None) for v in values.unbind()]
+    return [TrainBound(v, BlockGradient(g if p.groups > 1 else 0, p._identity(rows, first), r))
+            for p, v, g, r in zip(norms, values.unbind(), best.unbind(), right.unbind())]
 
 
 class DiagonalNormalization(LipschitzNormalization):

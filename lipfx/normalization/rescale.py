@@ -66,18 +66,18 @@ class Rescale(torch.autograd.Function):
 
 
 class RescaleMany(torch.autograd.Function):
-    """:class:`Rescale` of many one-group weights in one autograd node, each with its bound's
-    gradient ``left @ right`` over the whole weight (``left``: rows x r): the forward is one
-    foreach product and the backward does per weight only its two passes over the incoming
-    gradient (the dot product t and the rank-r update), the rest in foreach kernels.
+    """:class:`Rescale` of many weights in one autograd node, each with its bound's gradient
+    ``left @ right`` in row-group ``groups[i]`` (an int or a 0-d index tensor, as in Rescale):
+    the forward is one foreach product and the backward does per weight only its passes over the
+    incoming gradient (the dot product t and the rank-r update), the rest in foreach kernels.
 
-    ``RescaleMany.apply(n, *weights, *scales, *bounds, *lefts, *rights)`` returns the n weights."""
+    ``RescaleMany.apply(n, groups, *weights, *scales, *bounds, *lefts, *rights)`` returns the n weights."""
 
     @staticmethod
-    def forward(ctx, n: int, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, n: int, groups: Sequence[Union[int, torch.Tensor]], *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weights, scales, bounds = args[:n], args[n:2 * n], args[2 * n:3 * n]
         factors = [f.to(w.dtype) for f, w in zip(torch._foreach_div(list(scales), list(bounds)), weights)]
-        ctx.n = n
+        ctx.n, ctx.groups = n, tuple(groups)
         ctx.save_for_backward(*args, *factors)
         ctx.set_materialize_grads(False)  # an unused weight's gradient stays None: skipped
         return tuple(torch._foreach_mul(list(weights), factors))
@@ -93,18 +93,25 @@ class RescaleMany(torch.autograd.Function):
         if live:
             ts = [torch.dot(grads[i].reshape(-1), weights[i].reshape(-1)).to(bounds[i].dtype) for i in live]
             ratios = torch._foreach_div(ts, [bounds[i] for i in live])  # t / b
-            wanted = [k for k, i in enumerate(live) if ctx.needs_input_grad[1 + i]]
+            wanted = [k for k, i in enumerate(live) if ctx.needs_input_grad[2 + i]]
             if wanted:
                 idx = [live[k] for k in wanted]
                 scaled = torch._foreach_mul([grads[i].contiguous() for i in idx], [factors[i] for i in idx])  # c G
                 for g, k, i in zip(scaled, wanted, idx):  # - c (t / b) D, in place, rounded as Rescale does
                     left, right = lefts[i].to(g.dtype), rights[i].to(g.dtype)
-                    g.view(left.shape[0], right.shape[1]).addmm_(left * ((-ratios[k]).to(g.dtype) * factors[i]), right)
+                    update = left * ((-ratios[k]).to(g.dtype) * factors[i])
+                    blocks = g.view(-1, left.shape[0], right.shape[1])
+                    if blocks.shape[0] == 1:
+                        blocks[0].addmm_(update, right)
+                    else:
+                        group = ctx.groups[i]
+                        row = group.reshape(1) if isinstance(group, torch.Tensor) else torch.full((1,), group, device=g.device)
+                        blocks.index_add_(0, row, update.matmul(right).unsqueeze(0))
                     grad_w[i] = g
             for k, i in enumerate(live):
-                if ctx.needs_input_grad[1 + n + i]:
+                if ctx.needs_input_grad[2 + n + i]:
                     grad_s[i] = ratios[k].to(scales[i].dtype).reshape(scales[i].shape)
-        return (None, *grad_w, *grad_s, *([None] * (3 * n)))
+        return (None, None, *grad_w, *grad_s, *([None] * (3 * n)))
 
 
 def bound_floor(dtype: torch.dtype) -> float:
@@ -130,8 +137,9 @@ def rescaled(weight: torch.Tensor, scale: torch.Tensor, bound: TrainBound, needs
 
 def rescaled_many(weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
                   bounds: Sequence[TrainBound]) -> list[torch.Tensor]:
-    """:func:`rescaled` of many weights whose bounds all bring a one-group gradient: those that
-    want gradients through one :class:`RescaleMany` node, the others as plain products."""
+    """:func:`rescaled` of many weights whose bounds bring their gradients (factored, not
+    through autograd): those that want gradients through one :class:`RescaleMany` node, the
+    others as plain products."""
     grad = torch.is_grad_enabled()
     live = [i for i, (w, s) in enumerate(zip(weights, scales)) if grad and (w.requires_grad or s.requires_grad)]
     wanted = set(live)
@@ -142,7 +150,8 @@ def rescaled_many(weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor
         lefts = [floor_masked(bounds[i].gradient.left, bounds[i].value, floor) for i in live]
         args = ([weights[i] for i in live] + [scales[i] for i in live] + list(values)
                 + lefts + [bounds[i].gradient.right for i in live])
-        for i, w in zip(live, RescaleMany.apply(len(live), *args)):
+        groups = [bounds[i].gradient.group for i in live]
+        for i, w in zip(live, RescaleMany.apply(len(live), groups, *args)):
             out[i] = w
     return out
 

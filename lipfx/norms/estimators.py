@@ -116,16 +116,46 @@ def power_steps(matrices: torch.Tensor, v: torch.Tensor, eps: Optional[float] = 
     return PowerSteps(sigma.squeeze(-1), u, v, nxt, residual.squeeze(-1), it)
 
 
+WARM_MIX = 2.0 ** -12  # the share of a fixed generic vector in every warm start (see generic_vector)
+
+
+def generic_vector(n: int, dtype: torch.dtype, device: Optional[torch.device | str] = None) -> torch.Tensor:
+    """A fixed unit vector of length ``n`` with no zero component (sines of golden-angle steps).
+
+    Warm-started power steps add ``WARM_MIX`` of it to their start. A start that lies in an
+    invariant subspace of A^T A missing the top singular vector (an exact lower singular vector
+    of a block-diagonal weight, kept there by gradients that never leave the block) would stay
+    there forever, and so would the estimate: the mixed-in share gives the top direction a part
+    that the steps then amplify by (sigma_1 / sigma_2)^2 each (docs/math.md 5.2). Made on the
+    device (no host copy)."""
+    i = torch.arange(n, dtype=torch.float32, device=device)
+    r = torch.sin(1.0 + 2.399963229728653 * i)
+    return (r / torch.linalg.vector_norm(r)).to(dtype)
+
+
+def _mixed_starts(vectors: Sequence[torch.Tensor], mix: Sequence[torch.Tensor], dtype: torch.dtype) -> list:
+    """Unit vectors along v + WARM_MIX * r: new tensors, never the caller's state."""
+    w = torch._foreach_add([v.to(dtype) for v in vectors], [r.to(dtype) for r in mix], alpha=WARM_MIX)
+    norms = torch._foreach_norm(w)
+    torch._foreach_clamp_min_(norms, torch.finfo(dtype).tiny)
+    return list(torch._foreach_div(w, norms))
+
+
 @torch.no_grad()
-def fixed_power_steps(a: torch.Tensor, v: torch.Tensor, steps: int) -> PowerSteps:
+def fixed_power_steps(a: torch.Tensor, v: torch.Tensor, steps: int, mix: Optional[torch.Tensor] = None) -> PowerSteps:
     """Exactly ``steps`` power steps on (G, m, n) from unit vectors ``v`` (G, n), with the relative
     residual of the last one, in as few kernels as the iteration allows (a training step runs
     this for every layer): the first steps only set a direction, and one guard at the end keeps
-    the starting vector of a zero group instead of collapsing it to 0."""
+    the starting vector of a zero group instead of collapsing it to 0. ``mix`` (n,): a
+    :func:`generic_vector` added to every start with weight ``WARM_MIX``."""
     tiny = torch.finfo(a.dtype).tiny
     # a copy: with one step w is returned as the gradient's factor, and the caller then
     # overwrites its state with the next vector (the gradient would use that one)
-    start = w = v.to(a.dtype, copy=True)
+    if mix is None:
+        start = w = v.to(a.dtype, copy=True)
+    else:
+        w = v.to(a.dtype) + WARM_MIX * mix.to(a.dtype)
+        start = w = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True).clamp_min(tiny)
     for _ in range(steps - 1):
         x = torch.bmm(a, w.unsqueeze(-1))
         x = x / torch.linalg.vector_norm(x, dim=-2, keepdim=True).clamp_min(tiny)  # A^T A w would be ~sigma^2: it underflows first
@@ -153,14 +183,18 @@ class PowerStepsList(NamedTuple):
 
 
 @torch.no_grad()
-def fixed_power_steps_list(matrices: Sequence[torch.Tensor], vectors: Sequence[torch.Tensor], steps: int) -> PowerStepsList:
+def fixed_power_steps_list(matrices: Sequence[torch.Tensor], vectors: Sequence[torch.Tensor], steps: int,
+                           mix: Optional[Sequence[torch.Tensor]] = None) -> PowerStepsList:
     """:func:`fixed_power_steps` on many matrices of different shapes (each (m, n), with its unit
-    vector (n,)): the same iteration, with every vector operation one ``torch._foreach_*`` call
-    over all of them, so a training step of a network with many pointwise layers costs two
-    matrix-vector products per matrix and step plus a few dozen kernels in all, not per layer."""
+    vector (n,) and optionally its ``mix`` vector): the same iteration, with every vector
+    operation one ``torch._foreach_*`` call over all of them, so a training step of a network
+    with many pointwise layers costs two matrix-vector products per matrix and step plus a few
+    dozen kernels in all, not per layer. The matrices share one dtype."""
     a = list(matrices)
     tiny = torch.finfo(a[0].dtype).tiny
-    start = w = [v.to(m.dtype, copy=True) for m, v in zip(a, vectors)]  # never the caller's state (see fixed_power_steps)
+    # never the caller's state (see fixed_power_steps)
+    start = w = ([v.to(m.dtype, copy=True) for m, v in zip(a, vectors)] if mix is None
+                 else _mixed_starts(vectors, mix, a[0].dtype))
     for _ in range(steps - 1):
         x = [torch.mv(m, wi) for m, wi in zip(a, w)]
         norms = torch._foreach_norm(x)

@@ -179,14 +179,25 @@ def row_basis_size(grid: Grid) -> int:
 @torch.no_grad()
 def block_power_steps(blocks: torch.Tensor, vectors: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``steps`` power steps v <- A^H A v / ||.|| on every block (B, m, n) from ``vectors``
-    (B, n); returns (the new vectors, ||A v|| per block: estimates from below)."""
+    (B, n), then ||A v|| lifted by the relative residual r = ||A^H A v - s^2 v|| / s^2 of the
+    last vector: s sqrt(1 + r) is the top of the interval that holds an eigenvalue of A^H A
+    (docs/math.md 5.2), so a vector that lags behind a moved kernel raises the value instead of
+    letting it fall short. Returns (the following iterate: the warm start for the next call, the
+    lifted values)."""
     v = vectors
     tiny = torch.finfo(blocks.real.dtype).tiny
     for _ in range(steps):
         y = (blocks.mH @ (blocks @ v.unsqueeze(-1))).squeeze(-1)
         norm = complex_norm(y, keepdim=True)
         v = torch.where(norm > 0, y / norm.clamp_min(tiny), v)  # a zero block keeps its vector
-    return v, complex_norm((blocks @ v.unsqueeze(-1)).squeeze(-1))
+    x = blocks @ v.unsqueeze(-1)
+    sigma = complex_norm(x.squeeze(-1), keepdim=True)
+    y = (blocks.mH @ x).squeeze(-1)  # A^H A v
+    square = sigma.square().clamp_min(tiny)
+    residual = complex_norm(y - square * v, keepdim=True) / square
+    norm = complex_norm(y, keepdim=True)
+    nxt = torch.where(norm > 0, y / norm.clamp_min(tiny), v)
+    return nxt, (sigma * torch.sqrt(1 + residual)).squeeze(-1)
 
 
 def complex_norm(z: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
