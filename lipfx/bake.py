@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from .errors import LipfxError
 from .layers import ChannelAffine, SeparableConv
 from .normalization import disable_batching
+from .normalization.base import check_input_size
 from .passes.graph_utils import replace_submodule
 
 LIPFX_ATTRS = ("lipfx_report", "lipfx_certificate")
@@ -72,6 +73,8 @@ def strip_parametrizations(module: nn.Module, tensors: Mapping[str, torch.Tensor
     """
     module.__class__ = type(module).__bases__[0]
     del module._modules["parametrizations"]
+    for key in [k for k, fn in module._forward_pre_hooks.items() if fn is check_input_size]:
+        del module._forward_pre_hooks[key]  # it reads the parametrizations (and would make loading need lipfx)
     for name, value in tensors.items():
         if isinstance(value, nn.Parameter):
             module.register_parameter(name, value)

@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 from .bake import LIPFX_ATTRS, strip_parametrizations
 from .errors import LipfxError
 from .normalization import LipschitzNormalization, enable_batching, is_batched
+from .normalization.base import add_size_check
 
 FORMAT = "lipfx.model/1"
 PathLike = Union[str, "os.PathLike[str]"]
@@ -77,6 +78,8 @@ def load(path: PathLike, map_location: Union[str, torch.device, None] = None) ->
                 for p in plist:
                     # unsafe: skip the check call, which would also advance a power iteration
                     parametrize.register_parametrization(host, attr, p, unsafe=True)
+                    if getattr(p, "size_dependent", False):
+                        add_size_check(host)
         for attr, value in obj.get("attrs", {}).items():
             setattr(module, attr, value)
         for name in obj.get("batched", []):

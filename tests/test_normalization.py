@@ -872,6 +872,40 @@ def test_warm_starts_leave_an_invariant_subspace():
         assert max(norms[20:]) <= 1 + 1e-3, (seed, norms)  # the lag of the first large steps is over
 
 
+def test_a_conv_called_at_another_input_size_warns(tmp_path):
+    """A spatial conv's bound is taken at the input size of convert's example; at another size
+    its norm can exceed K (here 1.15 K: the kernel [1, 0, -1] bounded on a 4-point grid, used on
+    32 points, against the dense SVD). Found by an attack: it went unnoticed. Now a warning names
+    the layer and both sizes, once per size, also after deepcopy and save/load; none at the
+    example's size, and a baked model (plain torch) carries no hook."""
+    import warnings
+
+    from reference import dense_matrix
+
+    conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[[1.0, 0.0, -1.0]]]))
+    net = lipfx.convert(nn.Sequential(conv), torch.randn(1, 1, 4), K=1.0).train()
+    m = net.get_submodule("0")
+    used = m.weight.detach().double()
+    big = float(torch.linalg.matrix_norm(dense_matrix(lambda x: m._conv_forward(x, used, None), (1, 32)), 2))
+    assert big > 1.1  # what the warning is about
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        net(torch.randn(2, 1, 4))
+        assert not seen
+        net(torch.randn(2, 1, 32))
+        net(torch.randn(2, 1, 32))
+        assert len(seen) == 1 and "'0'" in str(seen[0].message) and "size 4 " in str(seen[0].message) \
+            and "at 32:" in str(seen[0].message), [str(w.message) for w in seen]
+        copy.deepcopy(net)(torch.randn(2, 1, 16))
+        lipfx.save(net, tmp_path / "net.pt")
+        lipfx.load(tmp_path / "net.pt")(torch.randn(2, 1, 8))
+        assert len(seen) == 3, [str(w.message) for w in seen]
+    baked = lipfx.bake(net)
+    assert not any(mod._forward_pre_hooks for mod in baked.modules())
+
+
 def test_tiny_and_zero_weights_stay_within_K_with_finite_gradients():
     """Float32 layers whose entries are near 1e-20 (the squares power steps and norms sum
     underflow) or exactly 0: the training-mode weight's true norm stays <= K (dense SVD in

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -34,6 +35,9 @@ class LipschitzNormalization(nn.Module):
     # True: transform() alone gives norm <= 1 (AOL, orthogonal), so training divides by nothing;
     # eval mode then only ever scales down (by max(certified bound, 1)) and computes what training did
     bounded_by_construction = False
+    # True: the bound is taken at the input sizes in ``sizes`` and holds there only (spatial convs
+    # bounded by their FFT): normalize() adds check_input_size to the layer
+    size_dependent = False
 
     def __init__(self, K: float, scaling: str = "hard", s_init: float = 3.0, name: str = "") -> None:
         super().__init__()
@@ -214,6 +218,34 @@ class LipschitzNormalization(nn.Module):
         k = f"K={float(self.K):.6g}"
         scale = "hard" if self.s is None else f"soft K*tanh(s), s={float(self.s.detach()):.4g}"
         return f"{k}, {scale}, bound={self.kind}"
+
+
+def add_size_check(module: nn.Module) -> None:
+    """Give ``module`` the :func:`check_input_size` hook (idempotent): normalize() and load do."""
+    if check_input_size not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(check_input_size)
+
+
+def check_input_size(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a layer whose normalization is ``size_dependent``: warn, once per
+    layer and size, when it is called at an input size its bound was not taken at. A conv's norm
+    depends on the grid (docs/math.md 1): a depthwise kernel bounded at 4x4 had norm 1.15 K at
+    32x32, silently, before this check."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dim() < 3:
+        return
+    n = tuple(int(d) for d in x.shape[2:])
+    for plist in module.parametrizations.values():
+        p = plist[0]
+        if getattr(p, "size_dependent", False) and n not in p.sizes:
+            warned = p.__dict__.setdefault("_warned_sizes", set())
+            if n not in warned:
+                warned.add(n)
+                sizes = ", ".join("x".join(map(str, s)) for s in p.sizes)
+                here = "x".join(map(str, n))
+                warnings.warn(f"lipfx: layer '{p.name}' is normalized at input size {sizes} (the example input's), "
+                              f"but is called at {here}: there its norm can exceed K={float(p.K):g}. Convert with an "
+                              f"example input of the size you train and run at.", stacklevel=2)
 
 
 def check_K(K: object, name: str) -> None:

@@ -167,6 +167,8 @@ class ConvNormalization(SpatialConvFrame, LipschitzNormalization):
     and step (docs/math.md, section 7.3).
     """
 
+    size_dependent = True
+
     @property
     def differentiable_bound(self) -> bool:  # type: ignore[override]
         """Swept sizes give their value with autograd history; when every size is bounded from

@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch.nn.utils import parametrize
 
 from ..errors import LipfxError
+from ..normalization.base import add_size_check
 from ..normalization.batching import enable_batching
 from ..normalization.constants import KSpec, resolve_K, separable_parent
 from ..normalization.options import POWER_ITERS, NormOptions, warn_retired
@@ -94,6 +95,8 @@ def normalize(
             continue
         p = entry.normalization(module, shapes, k, options, name)
         parametrize.register_parametrization(module, attr, p)
+        if p.size_dependent:
+            add_size_check(module)
         if report is not None:
             report.add(name, "normalized", p.extra_repr())
     if batched:
