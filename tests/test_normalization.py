@@ -893,6 +893,7 @@ def test_a_conv_called_at_another_input_size_warns(tmp_path):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         net(torch.randn(2, 1, 4))
+        net(torch.randn(1, 4))  # unbatched
         assert not seen
         net(torch.randn(2, 1, 32))
         net(torch.randn(2, 1, 32))

@@ -229,15 +229,17 @@ def add_size_check(module: nn.Module) -> None:
 def check_input_size(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook of a layer whose normalization is ``size_dependent``: warn, once per
     layer and size, when it is called at an input size its bound was not taken at. A conv's norm
-    depends on the grid (docs/math.md 1): a depthwise kernel bounded at 4x4 had norm 1.15 K at
-    32x32, silently, before this check."""
+    depends on the grid (docs/math.md 1): a 3-tap kernel bounded on 4 points had norm 1.15 K on
+    32, silently, before this check."""
     x = args[0] if args else None
-    if not isinstance(x, torch.Tensor) or x.dim() < 3:
+    if not isinstance(x, torch.Tensor):
         return
-    n = tuple(int(d) for d in x.shape[2:])
     for plist in module.parametrizations.values():
         p = plist[0]
-        if getattr(p, "size_dependent", False) and n not in p.sizes:
+        if not getattr(p, "size_dependent", False) or not p.sizes or x.dim() < len(p.sizes[0]):
+            continue
+        n = tuple(int(d) for d in x.shape[x.dim() - len(p.sizes[0]):])  # the trailing spatial dims (batched or not)
+        if n not in p.sizes:
             warned = p.__dict__.setdefault("_warned_sizes", set())
             if n not in warned:
                 warned.add(n)
