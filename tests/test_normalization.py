@@ -699,6 +699,31 @@ def test_float64(zoo):
         assert true_norm(m, p, shapes[name]) <= 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_training_weight_is_rounded_once(dtype):
+    """W * (scale / bound) for a bf16/fp16 weight is the float32 product rounded once to the
+    dtype, in every training path (Rescale, RescaleMany, the no-gradient product): rounding the
+    factor first and then the product put a bf16 layer's norm up to 1.004 K (two ulps' worth)."""
+    from lipfx.normalization.rescale import Rescale, RescaleMany, TrainBound, rescaled
+
+    u = torch.finfo(dtype).eps / 2
+    torch.manual_seed(0)
+    worst = 0.0
+    for _ in range(20):
+        w = torch.randn(8, 6).to(dtype).requires_grad_()
+        scale = torch.ones(())
+        bound = torch.rand(()) * 3 + 0.5
+        left, right = torch.zeros(8, 1), torch.zeros(1, 6)
+        exact = w.detach().double() * (scale.double() / bound.double())
+        outs = [Rescale.apply(w, scale, bound, 0, left, right),
+                RescaleMany.apply(1, [0], w, scale, bound, left, right)[0],
+                rescaled(w.detach(), scale, TrainBound(bound, None), False)]
+        for out in outs:
+            assert out.dtype == dtype
+            worst = max(worst, float(((out.detach().double() - exact).abs() / exact.abs().clamp_min(1e-30)).max()))
+    assert worst <= u * (1 + 1e-6), worst  # correctly rounded from float32 (whose error is 2^-24)
+
+
 @pytest.mark.slow
 def test_budget_with_normalization_holds_through_training(zoo):
     model = zoo.shared("resnet18", num_classes=10)

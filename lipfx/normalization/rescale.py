@@ -35,11 +35,12 @@ class Rescale(torch.autograd.Function):
                 group: Union[int, torch.Tensor], left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         # ctx-style forward: the setup_context style binds arguments through inspect.signature
         # on every call, which costs more than the whole normalization of a small layer
-        factor = (scale / bound).to(weight.dtype)
+        wide = scale / bound
+        factor = wide.to(weight.dtype)
         index = group if isinstance(group, torch.Tensor) else None
         ctx.group = None if index is not None else group
         ctx.save_for_backward(weight, scale, bound, factor, left, right, index)
-        return weight * factor
+        return scaled_weight(weight, wide)
 
     @staticmethod
     @once_differentiable  # the bound's gradient is first-order only; a double backward raises
@@ -76,10 +77,13 @@ class RescaleMany(torch.autograd.Function):
     @staticmethod
     def forward(ctx, n: int, groups: Sequence[Union[int, torch.Tensor]], *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weights, scales, bounds = args[:n], args[n:2 * n], args[2 * n:3 * n]
-        factors = [f.to(w.dtype) for f, w in zip(torch._foreach_div(list(scales), list(bounds)), weights)]
+        wide = torch._foreach_div(list(scales), list(bounds))
+        factors = [f.to(w.dtype) for f, w in zip(wide, weights)]
         ctx.n, ctx.groups = n, tuple(groups)
         ctx.save_for_backward(*args, *factors)
         ctx.set_materialize_grads(False)  # an unused weight's gradient stays None: skipped
+        if any(_narrow(w) for w in weights):
+            return tuple(scaled_weight(w, f) for w, f in zip(weights, wide))
         return tuple(torch._foreach_mul(list(weights), factors))
 
     @staticmethod
@@ -114,6 +118,19 @@ class RescaleMany(torch.autograd.Function):
         return (None, None, *grad_w, *grad_s, *([None] * (3 * n)))
 
 
+def _narrow(weight: torch.Tensor) -> bool:
+    return weight.is_floating_point() and torch.finfo(weight.dtype).bits < 32
+
+
+def scaled_weight(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``weight * factor``. A bf16 or fp16 weight is multiplied in float32 and rounded once:
+    rounding the factor to the weight's dtype first, then the product, put a bf16 layer's norm
+    up to 1.004 K (two roundings of 2^-8 each); one rounding leaves at most one."""
+    if _narrow(weight):
+        return (weight.float() * factor.float()).to(weight.dtype)
+    return weight * factor.to(weight.dtype)
+
+
 def bound_floor(dtype: torch.dtype) -> float:
     """The smallest bound a training step divides by: sqrt(tiny) * 2^24 (1.8e-12 in float32).
     Below it the squares that norms and power steps sum underflow (a float32 layer with entries
@@ -130,7 +147,7 @@ def rescaled(weight: torch.Tensor, scale: torch.Tensor, bound: TrainBound, needs
     floor = bound_floor(bound.value.dtype)
     value = bound.value.clamp_min(floor)
     if not needs_grad or bound.gradient is None:
-        return weight * (scale / value).to(weight.dtype)
+        return scaled_weight(weight, scale / value)
     g = bound.gradient
     return Rescale.apply(weight, scale, value, g.group, floor_masked(g.left, bound.value, floor), g.right)
 
