@@ -180,13 +180,23 @@ def _with_singular_values(s: torch.Tensor, m: int, n: int, seed: int) -> torch.T
     return (u * s) @ v.T
 
 
-@pytest.mark.parametrize("case", ["gaussian-wide", "gaussian-tall", "low-rank", "near-tie", "flat"])
+@pytest.mark.parametrize("case", ["gaussian-wide", "gaussian-tall", "low-rank", "near-tie", "flat",
+                                  "separable-pointwise", "small-near-tie", "small-flat", "smallest", "tiny"])
 def test_large_matrix_certificate_against_svd(case):
-    """Matrices with both sides > 512 take the Gram + LOBPCG + Cholesky path, not an SVD."""
+    """Matrices with both sides >= 64 take the Gram + estimate + Cholesky path, not an SVD
+    (eigvalsh estimates up to Gram side 1024, LOBPCG beyond); "smallest" is the first size on
+    that path, "tiny" the last on the SVD's."""
     from lipfx.norms.conv import matrix_norm
 
     gen = torch.Generator().manual_seed(0)
     matrices = {
+        # the pointwise half of an exact separable 3x3 conv, 512 -> 512 channels (ResNet's layer4)
+        "separable-pointwise": lambda: torch.randn(512, 4608, dtype=torch.float64, generator=gen) / 70,
+        "small-near-tie": lambda: _with_singular_values(torch.linspace(1, 0.5, 64, dtype=torch.float64).index_fill(
+            0, torch.tensor([1]), 1 - 1e-12), 64, 200, 4),
+        "small-flat": lambda: _with_singular_values(torch.ones(70, dtype=torch.float64), 90, 70, 5),
+        "smallest": lambda: torch.randn(64, 64, dtype=torch.float64, generator=gen),
+        "tiny": lambda: torch.randn(63, 300, dtype=torch.float64, generator=gen) * 1e-3,
         "gaussian-wide": lambda: torch.randn(600, 1500, dtype=torch.float64, generator=gen) / 30,
         "gaussian-tall": lambda: torch.randn(1300, 700, dtype=torch.float64, generator=gen),
         "low-rank": lambda: _with_singular_values(torch.tensor([5.0, 2.0, 1e-3], dtype=torch.float64), 700, 600, 1),
