@@ -209,3 +209,31 @@ def test_large_matrix_certificate_against_svd(case):
     exact = float(torch.linalg.matrix_norm(w, ord=2))
     bound = matrix_norm(w)
     assert exact <= bound <= exact * (1 + 1e-4), (case, bound / exact - 1)
+
+
+def test_bounds_that_are_subnormal_are_rounded_up():
+    """A bound taken on the operator scaled up by 2^k and scaled back rounds when the result is
+    subnormal: two entries of 2^-1074 once gave 2^-1074 for a norm of sqrt(2) x 2^-1074."""
+    from lipfx.norms.conv import matrix_norm
+
+    tiny = 2.0 ** -1074
+    for shape in [(1, 2), (64, 64)]:
+        m = torch.zeros(shape, dtype=torch.float64)
+        m[0, :2] = tiny
+        assert matrix_norm(m) >= 2 * tiny  # sqrt(2) tiny is not representable: the next one up
+    conv = nn.Conv1d(1, 1, 2, bias=False).double()
+    with torch.no_grad():
+        conv.weight.fill_(tiny)  # [tiny, tiny] at length 2: one output, norm sqrt(2) tiny
+    assert layer_bound(conv, (1, 2)) >= 2 * tiny
+
+
+def test_gram_estimates_of_huge_matrices_converge():
+    """Gram side > 1024 takes a LOBPCG estimate; on entries near 2^299 (left unscaled by
+    scale_invariant) it raised 'failed to converge' or returned 0 before G was scaled for it."""
+    from lipfx.norms.conv import matrix_norm
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(1030, 1030, dtype=torch.float64, generator=gen)
+    w = w / w.abs().max() * 2.0 ** 299
+    exact = float(torch.linalg.matrix_norm(w / 2.0 ** 299, ord=2)) * 2.0 ** 299
+    assert exact <= matrix_norm(w) <= exact * (1 + 1e-4)

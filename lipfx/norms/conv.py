@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -60,7 +61,13 @@ def scale_invariant(bound):
         scaled = weight.detach().to(torch.float64) / scale
         if isinstance(operator, ConvGeometry):
             scaled = dataclasses.replace(operator, weight=scaled)
-        return bound(scaled, *args, **kwargs) * scale
+        inner = bound(scaled, *args, **kwargs)
+        out = inner * scale
+        if 0 < inner and out < sys.float_info.min:
+            # a subnormal product is rounded (two entries of 2^-1074 gave 2^-1074 for sqrt(2) x
+            # 2^-1074): by at most half a subnormal step, so one step up covers it
+            out = math.nextafter(out, math.inf)
+        return out
 
     return functools.wraps(bound)(wrapper)
 

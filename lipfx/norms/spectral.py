@@ -171,21 +171,23 @@ def max_transfer_norm(stacked: torch.Tensor, grid: Sequence[int]) -> float:
     rough = torch.cat([_power_lower(grams(c), iters=6).reshape(len(c), g).amax(1) for c in chunks])
     top = torch.nonzero(rough >= 0.9 * rough.max()).flatten()
     top = top[rough[top].argsort(descending=True)][:16]
-    tau = float(_power_lower(grams(top), iters=60).max()) * (1 + 1e-3) + slack
+    tau = float(_power_lower(grams(top), iters=60).max()) * (1 + 1e-3)
     # Certify lambda_max(G(f)) <= tau at every frequency with one batched Cholesky of tau I - G.
     # Where it fails, tau was below the true maximum there: refine the estimate on those
-    # frequencies only and certify them again; exact eigenvalues only as a last resort.
+    # frequencies only and certify them again; exact eigenvalues only as a last resort. The
+    # slack is added after the proof, not to the level it proves: it must cover the Cholesky's
+    # own rounding and the computed G's distance to the exact one whatever the estimate was.
     eye = torch.eye(a, dtype=torch.complex128)
     pending = torch.cat([c[_fails(grams(c), tau, eye)] for c in chunks])
     for iters in (200, 1000):
         if len(pending) == 0:
             break
-        tau = max(tau, float(_power_lower(grams(pending), iters=iters).max()) * (1 + 1e-3) + slack)
+        tau = max(tau, float(_power_lower(grams(pending), iters=iters).max()) * (1 + 1e-3))
         pending = pending[_fails(grams(pending), tau, eye)]
     best = tau
     for c in pending.split(chunk) if len(pending) else ():
-        best = max(best, float(torch.linalg.eigvalsh(grams(c))[..., -1].max()) + slack)
-    return math.sqrt(best) * (1 + RELATIVE_SLACK)
+        best = max(best, float(torch.linalg.eigvalsh(grams(c))[..., -1].max()))
+    return math.sqrt(best + slack) * (1 + RELATIVE_SLACK)
 
 
 _EIGVALSH_MAX_GRAM = 1024  # up to this Gram side a full eigvalsh estimate beats LOBPCG here
@@ -195,25 +197,39 @@ def certified_matrix_norm(matrix: torch.Tensor) -> float:
     """Sound upper bound on ||M||_2 of a 2-D matrix, up to 10x faster than an SVD (512 x 4608).
 
     lambda_max of the smaller Gram matrix is estimated (eigvalsh up to side 1024, LOBPCG from
-    below beyond), then tau >= lambda_max is *proved* by a Cholesky factorisation of tau I - G
-    (with the float64 round-off of forming G added): the estimate only has to be close, never
-    right. Exact eigvalsh only if the proof fails twice.
+    below beyond), then tau >= lambda_max is *proved* by a Cholesky factorisation of tau I - G,
+    and the float64 round-off of forming G and of the Cholesky is added to the proved tau: the
+    estimate only has to be close, never right. Exact eigvalsh if the proof fails three times.
     """
     m = matrix.detach().to(torch.float64)
     gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
     slack = _rounding_slack(m.unsqueeze(0), gram.shape[0], 1)
-    if gram.shape[0] <= _EIGVALSH_MAX_GRAM:
-        estimate = float(torch.linalg.eigvalsh(gram)[-1])
-    else:
-        gen = torch.Generator().manual_seed(0)
-        start = torch.randn(gram.shape[0], 1, dtype=torch.float64, generator=gen)
-        estimate = float(torch.lobpcg(gram, X=start, largest=True, niter=200, tol=1e-13)[0][0])
+    estimate = _largest_eigenvalue_estimate(gram)
     eye = torch.eye(gram.shape[0], dtype=torch.float64)
     for margin in (1e-8, 1e-5, 1e-2):
-        tau = estimate * (1 + margin) + slack
-        if not bool(_fails(gram.unsqueeze(0), tau, eye)[0]):
-            return math.sqrt(tau) * (1 + RELATIVE_SLACK)
+        tau = estimate * (1 + margin)
+        if math.isfinite(tau) and not bool(_fails(gram.unsqueeze(0), tau, eye)[0]):
+            return math.sqrt(tau + slack) * (1 + RELATIVE_SLACK)
     return math.sqrt(float(torch.linalg.eigvalsh(gram)[-1]) + slack) * (1 + RELATIVE_SLACK)
+
+
+def _largest_eigenvalue_estimate(gram: torch.Tensor) -> float:
+    """lambda_max of a symmetric PSD matrix, approximately (an input to a proof, not a bound).
+    LOBPCG runs on G scaled by a power of two near its largest diagonal entry: unscaled, Grams
+    of entries near 2^299 (inside the range ``scale_invariant`` leaves alone) made it fail to
+    converge or return 0; if it still fails, eigvalsh."""
+    if gram.shape[0] <= _EIGVALSH_MAX_GRAM:
+        return float(torch.linalg.eigvalsh(gram)[-1])
+    top = float(gram.diagonal().max())
+    if not top > 0 or not math.isfinite(top):
+        return float(torch.linalg.eigvalsh(gram)[-1])
+    scale = 2.0 ** math.floor(math.log2(top))
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(gram.shape[0], 1, dtype=torch.float64, generator=gen)
+    try:
+        return float(torch.lobpcg(gram / scale, X=start, largest=True, niter=200, tol=1e-13)[0][0]) * scale
+    except RuntimeError:  # torch's LinAlgError included
+        return float(torch.linalg.eigvalsh(gram)[-1])
 
 
 def _fails(gram: torch.Tensor, tau: float, eye: torch.Tensor) -> torch.Tensor:
