@@ -87,13 +87,13 @@ def _matmul(ctx: NodeContext) -> Step:
     const = ctx.value(b if ctx.depends(a) else a)
     if not isinstance(const, torch.Tensor) or const.dim() > 2:
         raise Unbounded(f"{ctx.label}: matmul with a batched or non-tensor constant has no rule")
-    return Step.affine(matrix_norm(const.reshape(-1, 1) if const.dim() == 1 else const), "times a constant matrix: exact SVD")
+    return Step.affine(matrix_norm(const.reshape(-1, 1) if const.dim() == 1 else const), "times a constant matrix: exact norm")
 
 
 def _linear_function(ctx: NodeContext) -> Step:
     if ctx.depends(ctx.node.args[1] if len(ctx.node.args) > 1 else ctx.node.kwargs.get("weight")):
         _product(ctx)
-    return Step.affine(matrix_norm(ctx.arg(1, "weight")), "exact SVD")
+    return Step.affine(matrix_norm(ctx.arg(1, "weight")), "exact norm")
 
 
 def _concat(ctx: NodeContext) -> Step:

@@ -38,7 +38,7 @@ WEIGHTED = CONVS + (nn.Linear,)  # layers whose weight lipfx folds, rescales and
 # --- nn.Linear, nn.Conv1d/2d/3d ---------------------------------------------------------------
 def _weighted_rule(ctx: NodeContext) -> Step:
     shape = tuple(ctx.shape()[1:])
-    method = "exact SVD" if isinstance(ctx.module, nn.Linear) else f"layer_bound({ctx.method})"
+    method = "exact norm" if isinstance(ctx.module, nn.Linear) else f"layer_bound({ctx.method})"
     return Step.affine(layer_bound(ctx.module, shape, ctx.method, ctx.module_name), method)
 
 
@@ -211,7 +211,7 @@ def _fuzz_shift(key: type, g: torch.Generator) -> list[FuzzCase]:
 
 ENTRIES = (
     OpEntry((nn.Linear,), _weighted_rule, _fuzz_linear, linear_map=_linear_map, layer_bound=linear_layer_bound,
-            normalization=_normalize_matrix, size_free=True, doc="exact SVD; normalized by power iteration"),
+            normalization=_normalize_matrix, size_free=True, doc="exact norm; normalized by power iteration"),
     OpEntry(CONVS, _weighted_rule, _fuzz_conv, linear_map=_conv_map, layer_bound=conv_layer_bound,
             normalization=_normalize_conv, size_free=True, doc="FFT/polyphase bound; 1x1 by power iteration"),
     OpEntry((SeparableConv,), _separable_rule, _fuzz_separable, size_free=True, doc="product of its two halves' bounds"),
