@@ -99,8 +99,13 @@ def _autocorrelation(stacked: torch.Tensor, side: str) -> tuple[torch.Tensor, to
         taps = taps.transpose(-1, -2)
     positions = list(itertools.product(*(range(k) for k in kq)))
     index = {p: i for i, p in enumerate(positions)}
-    offsets, blocks = [], []
+    offsets, blocks, done = [], [], {}
     for delta in itertools.product(*(range(-(k - 1), k) for k in kq)):
+        mirror = done.get(tuple(-dl for dl in delta))
+        if mirror is not None:  # R[-delta] = R[delta]^T: half the matmuls
+            blocks.append(mirror.transpose(-1, -2))
+            offsets.append(delta)
+            continue
         pairs = [
             (index[tuple(t + dl for t, dl in zip(tp, delta))], index[tp])
             for tp in positions
@@ -111,7 +116,8 @@ def _autocorrelation(stacked: torch.Tensor, side: str) -> tuple[torch.Tensor, to
         # sum_p left_p @ right_p^T as one matmul over the concatenated inner dimension
         left = left.permute(1, 2, 0, 3).reshape(g, left.shape[2], -1)
         right = right.permute(1, 2, 0, 3).reshape(g, right.shape[2], -1)
-        blocks.append(left @ right.transpose(-1, -2))
+        done[delta] = left @ right.transpose(-1, -2)
+        blocks.append(done[delta])
         offsets.append(delta)
     return torch.tensor(offsets, dtype=torch.float64), torch.stack(blocks)
 
