@@ -332,3 +332,45 @@ def test_inverse_with_info_is_typed_and_return_info_is_deprecated():
         with pytest.warns(DeprecationWarning, match="inverse_with_info"):
             old = m.inverse(z, tol=1e-6, return_info=True)
         assert isinstance(old, lipfx.invertible.InverseResult) and torch.equal(old.x, info.x)
+
+
+def test_writes_through_data_and_running_statistics_refresh_the_contraction():
+    """The certified contraction and the float64 copy the inverse checks against follow every
+    change of the branch's values: writes through .data keep the version counter (EMA updates,
+    some loaders), and BatchNorm statistics are buffers. Before, a stale contraction of 0.56
+    was kept for a branch of norm 0.90, and an inverse reported convergence 17 from its answer."""
+    def fresh(block):
+        with torch.no_grad():
+            return lipfx.certificate(block.branch.eval(), torch.zeros(1, 8, dtype=block_dtype(block))).bound
+
+    def block_dtype(block):
+        return next(block.branch.parameters()).dtype
+
+    torch.manual_seed(0)
+    b = InvertibleResidual(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)), 0.9).double().eval()
+    before = b.contraction()
+    for name, buf in b.branch.named_buffers():
+        if name.endswith("K"):
+            buf.data.mul_(0.5)  # K written through .data: the version counter does not move
+    assert b.contraction() == pytest.approx(fresh(b), rel=1e-9) and b.contraction() < 0.5 * before * 1.001
+
+    b = InvertibleResidual(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)), 0.9).eval()  # float32
+    b.contraction()
+    for name, p in b.branch.named_parameters():
+        if "bias" in name:
+            p.data.add_(5.0)
+    y = torch.randn(4, 8)
+    info = b.inverse_with_info(y, tol=1e-5, dtype=torch.float64)  # iterates on the float64 copy
+    with torch.no_grad():
+        err = (b(info.x.float()).double() - y.double()).norm(dim=1)
+    assert info.converged.all() and bool((err <= 1e-3).all()), err
+
+    b = InvertibleResidual(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 8)),
+                           0.9, bn=None).double()
+    b.contraction()
+    b.train()
+    for _ in range(50):  # running statistics of small-variance data raise BatchNorm's gain
+        b(0.01 * torch.randn(32, 8, dtype=torch.float64))
+    b.eval()
+    with pytest.raises(lipfx.LipfxError, match=">= 1"):
+        b.contraction()

@@ -82,6 +82,7 @@ class InvertibleResidual(nn.Module):
         # the certified constant and a float64 plain copy of the branch, for the weights in _key;
         # a tuple, so the copy is not registered as a submodule (nor saved in the state_dict)
         self._key: Optional[tuple] = None
+        self._snapshot: tuple[torch.Tensor, ...] = ()  # the values _key's tensors had then
         self._cached: tuple[float, Optional[nn.Module]] = (math.nan, None)
 
     @property
@@ -124,16 +125,24 @@ class InvertibleResidual(nn.Module):
         """Certified Lipschitz constant of the inverse: 1 / (1 - c)."""
         return 1.0 / (1.0 - self.contraction())
 
+    def _state(self) -> list[torch.Tensor]:
+        """What sets the branch's eval-mode function: its parameters and buffers (BatchNorm
+        statistics, the constants K), not the normalizations' power-iteration state, which
+        every training forward updates without changing the eval-mode weights."""
+        return list(self.branch.parameters()) + [
+            b for n, b in self.branch.named_buffers() if "parametrizations." not in n or n.rpartition(".")[2] == "K"]
+
     def _weights_key(self) -> tuple:
-        # parameters and the constants K; not the power-iteration vectors, which every
-        # training forward updates without changing the eval-mode weights
-        tensors = list(self.branch.parameters()) + [b for n, b in self.branch.named_buffers() if n.rpartition(".")[2] == "K"]
-        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in self._state())
 
     @torch.no_grad()
     def _refresh(self) -> None:
-        key = self._weights_key()
-        if key == self._key:
+        key, state = self._weights_key(), self._state()
+        # values are compared too: writes through .data (EMA updates, some loaders) keep the
+        # version counter, and a stale contraction or reference made the inverse report
+        # convergence 17 away from the answer
+        snapshot = getattr(self, "_snapshot", ())
+        if key == self._key and len(snapshot) == len(state) and all(torch.equal(a, b) for a, b in zip(snapshot, state)):
             return
         x = torch.zeros(1, *self._probe_shape, dtype=module_dtype(self.branch), device=module_device(self.branch))
         with eval_mode(self.branch):
@@ -144,6 +153,7 @@ class InvertibleResidual(nn.Module):
             propagate_shapes(self.branch, x)  # bake needs node shapes; a reloaded graph has none
             reference = bake(self.branch).double()
         self._cached, self._key = (cert.bound, reference), key
+        self._snapshot = tuple(t.detach().clone() for t in state)
 
     # -- inverse ------------------------------------------------------------------------------
     @torch.no_grad()
