@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -29,13 +29,23 @@ DEFAULT_EPS = DEFAULT_RADII  # the old name, kept for one release
 Data = Union[tuple[torch.Tensor, torch.Tensor], Iterable[Sequence[torch.Tensor]]]
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with eval_mode(model), torch.no_grad():
+class _Logits(NamedTuple):
+    values: torch.Tensor  # float64
+    unit: float  # the unit roundoff of the dtype the model computed them in
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> _Logits:
+    # autocast off: the radii are of the model in its own dtype, the function the certificate bounds
+    with eval_mode(model), torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         out = model(x)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2 or not out.is_floating_point():
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ShapeError(f"certified radii need logits of shape (batch, classes >= 2), the model returned {shape}")
-    return out.double()
+    unit = torch.finfo(out.dtype).eps / 2
+    if unit > 2.0 ** -24:
+        warnings.warn(f"certified radii of a {out.dtype} model allow for the rounding of its logits, not for the "
+                      "rounding inside it; certify the model in float32 or float64", RuntimeWarning, stacklevel=3)
+    return _Logits(out.double(), unit)
 
 
 def _check_method(method: str) -> None:
@@ -109,22 +119,32 @@ def _pair_constants(model: nn.Module, cert: Certificate, method: str) -> Optiona
     return pairwise_lipschitz(model, cert) if method == "pairwise" and finite else None
 
 
-def _radii(logits: torch.Tensor, y: Optional[torch.Tensor], cert: Certificate,
+def _radii(computed: _Logits, y: Optional[torch.Tensor], cert: Certificate,
            pair: Optional[torch.Tensor]) -> torch.Tensor:
-    """Radii from logits (see certified_radius); ``pair``: pairwise constants or None."""
+    """Radii from logits (see certified_radius); ``pair``: pairwise constants or None.
+
+    The logits are the model's rounded outputs: each is within u |f| of the exact value (u the
+    unit roundoff of their dtype), at x and again at x + d, where |f| has grown by at most L r.
+    So a pair's margin counts 2u(|f_t| + |f_j|) less and its constant 2uL more. Logits near
+    3e4 in float32, or near 8 in bfloat16, flipped well inside radii taken without this."""
+    logits, u = computed
     pred = logits.argmax(1)
+    if y is not None and (y.dim() != 1 or len(y) != len(logits)):
+        raise ShapeError(f"labels of shape {tuple(y.shape)} for {len(logits)} inputs: give one class index per input")
     target = pred if y is None else y.to(pred.device).long()
     zero = torch.zeros(len(logits), dtype=torch.float64)
     if math.isinf(cert.bound) or math.isnan(cert.bound):
         culprits = "; ".join(c.reason for c in cert.unbounded) or "unknown"
         warnings.warn(f"the certificate is infinite ({culprits}): every certified radius is 0", RuntimeWarning, stacklevel=3)
         return zero
-    gaps = logits.gather(1, target[:, None]) - logits  # f_t - f_j, (B, C)
+    size = logits.abs()
+    gaps = logits.gather(1, target[:, None]) - logits - 2 * u * (size.gather(1, target[:, None]) + size)  # f_t - f_j, less rounding
     others = torch.ones_like(gaps, dtype=torch.bool).scatter_(1, target[:, None], False)
     margin = gaps.masked_fill(~others, math.inf).amin(1)
-    radius = (margin / (math.sqrt(2) * cert.bound)) if cert.bound > 0 else torch.where(margin > 0, math.inf, 0.0)
+    slack = 2 * u * cert.bound  # each logit moves by at most L r, so its rounding by u L r more
+    radius = (margin / (math.sqrt(2) * cert.bound + slack)) if cert.bound > 0 else torch.where(margin > 0, math.inf, 0.0)
     if pair is not None:
-        const = pair.to(gaps.device)[target]  # (B, C): constant of f_t - f_j
+        const = pair.to(gaps.device)[target] + slack  # (B, C): constant of f_t - f_j, and of its rounding
         per_pair = torch.where(const > 0, gaps / const, torch.where(gaps > 0, math.inf, 0.0))
         radius = torch.maximum(radius, per_pair.masked_fill(~others, math.inf).amin(1))
     radius = radius.clamp_min(0.0).cpu()
@@ -194,7 +214,7 @@ def certified_accuracy(
         _check_certificate(cert, x)
         logits = _logits(model, x)
         radii.append(_radii(logits, y, cert, pair))
-        correct.append(logits.argmax(1).cpu() == y.cpu())
+        correct.append(logits.values.argmax(1).cpu() == y.cpu())
         show.update(i + 1)
     show.close()
     if not radii:

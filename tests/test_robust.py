@@ -1,6 +1,7 @@
 """Certified robustness (issue 7): radii that a strong l2 attack cannot break."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -177,3 +178,55 @@ def test_radius_is_the_name_and_eps_is_deprecated(trained):
     with pytest.raises(lipfx.ArgumentError, match="not both"):
         certified_accuracy(net, (x, y), radius=0.1, eps=0.1)
     assert issubclass(lipfx.ArgumentError, ValueError) and issubclass(lipfx.ArgumentError, lipfx.LipfxError)
+
+
+@pytest.mark.parametrize("dtype,bias", [(torch.bfloat16, 8.0), (torch.float16, 8.0), (torch.float32, 3e4)])
+def test_radii_allow_for_the_rounding_of_the_logits(dtype, bias):
+    """x -> x + bias in a low-precision dtype (or float32 with large logits): the computed
+    logits are rounded, so their margin can exceed the exact one. Radii taken from them as if
+    exact were flipped at 4.5% of the radius (bfloat16); with the rounding allowed for, no
+    perturbation inside a radius changes the computed prediction."""
+    lin = nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(2))
+        lin.bias.fill_(bias)
+    model = nn.Sequential(lin).to(dtype).eval()
+    gen = torch.Generator().manual_seed(0)
+    scale = 0.2 if dtype != torch.float32 else 0.01
+    x = ((torch.rand(200, 2, generator=gen) - 0.5) * scale).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the half-precision warning
+        r = certified_radius(model, x)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    direction = torch.tensor([[-1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) / math.sqrt(2)  # towards the other class
+    checked = 0
+    for i in torch.nonzero(r > 0).flatten().tolist():
+        for s in torch.linspace(0.02, 0.999, 60).tolist():
+            xp = (x[i].double() + s * float(r[i]) * direction[pred[i]]).to(dtype)
+            if float((xp.double() - x[i].double()).norm()) >= float(r[i]):
+                continue  # rounding the input moved it out of the ball
+            with torch.no_grad():
+                assert int(model(xp[None]).argmax(1)) == int(pred[i]), (i, s, float(r[i]))
+            checked += 1
+    assert checked > 100
+
+
+def test_labels_must_be_one_per_input():
+    model = nn.Sequential(nn.Linear(2, 3)).eval()
+    x = torch.randn(2, 2)
+    with pytest.raises(lipfx.ShapeError, match="one class index per input"):
+        certified_radius(model, x, torch.tensor([0]))  # used to broadcast: a 35x too large radius
+    with pytest.raises(lipfx.ShapeError, match="one class index per input"):
+        certified_radius(model, x, torch.tensor([[0], [1]]))
+
+
+def test_autocast_does_not_change_the_radii():
+    """Radii are of the model in its own dtype, the function its certificate bounds: autocast
+    is switched off while the logits are computed."""
+    torch.manual_seed(1)
+    net = lipfx.convert(nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)), torch.randn(1, 10), lipschitz=1.0).eval()
+    x = torch.randn(64, 10)
+    plain = certified_radius(net, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(certified_radius(net, x), plain)
