@@ -78,13 +78,15 @@ def trace(model: nn.Module, leaf_modules: Iterable[str] = ()) -> fx.GraphModule:
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode for the block, then back in the mode it was in."""
-    was_training = module.training
+    """Put ``module`` in eval mode for the block, then every submodule back in the mode it was
+    in (``module.train(flag)`` would reset a training model's frozen BatchNorm layers too)."""
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield module
     finally:
-        module.train(was_training)
+        for m, training in modes:  # parents first: each call resets the subtree the later ones fix
+            m.train(training)
 
 
 @torch.no_grad()

@@ -316,6 +316,9 @@ def test_certificate_leaves_the_model_in_its_mode_and_untouched():
     cert = lipfx.certificate(model, torch.randn(2, 3, 8, 8))
     assert math.isfinite(cert.bound) and model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model[1].eval()  # a frozen BatchNorm inside a training model stays frozen
+    lipfx.certificate(model, torch.randn(2, 3, 8, 8))
+    assert model.training and model[0].training and not model[1].training
 
 
 def test_bad_method_and_inputs_are_reported():
