@@ -132,12 +132,10 @@ class InvertibleResidual(nn.Module):
         return list(self.branch.parameters()) + [
             b for n, b in self.branch.named_buffers() if "parametrizations." not in n or n.rpartition(".")[2] == "K"]
 
-    def _weights_key(self) -> tuple:
-        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in self._state())
-
     @torch.no_grad()
     def _refresh(self) -> None:
-        key, state = self._weights_key(), self._state()
+        state = self._state()
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in state)
         # values are compared too: writes through .data (EMA updates, some loaders) keep the
         # version counter, and a stale contraction or reference made the inverse report
         # convergence 17 away from the answer

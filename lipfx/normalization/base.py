@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ArgumentError, LipfxError
 from ..norms.estimators import generic_vector
-from .rescale import TrainBound, rescaled
+from .rescale import TrainBound, compute_dtype, rescaled
 
 SCALINGS = ("hard", "soft")
 
@@ -254,11 +254,6 @@ def check_K(K: object, name: str) -> None:
     if isinstance(K, bool) or not isinstance(K, (int, float)) or not (0 < float(K) < math.inf):
         where = f" for '{name}'" if name else ""
         raise LipfxError(f"K{where} must be a positive finite number, got {K!r}")
-
-
-def compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype training bounds are computed in: the weight's, and never below float32."""
-    return torch.promote_types(weight.dtype, torch.float32)
 
 
 def exact_map_dtype(weight: torch.Tensor) -> torch.dtype:

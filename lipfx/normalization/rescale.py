@@ -82,7 +82,7 @@ class RescaleMany(torch.autograd.Function):
         ctx.n, ctx.groups = n, tuple(groups)
         ctx.save_for_backward(*args, *factors)
         ctx.set_materialize_grads(False)  # an unused weight's gradient stays None: skipped
-        if any(_narrow(w) for w in weights):
+        if any(compute_dtype(w) != w.dtype for w in weights):  # half precision: rounded once, as in Rescale
             return tuple(scaled_weight(w, f) for w, f in zip(weights, wide))
         return tuple(torch._foreach_mul(list(weights), factors))
 
@@ -118,17 +118,17 @@ class RescaleMany(torch.autograd.Function):
         return (None, None, *grad_w, *grad_s, *([None] * (3 * n)))
 
 
-def _narrow(weight: torch.Tensor) -> bool:
-    return weight.is_floating_point() and torch.finfo(weight.dtype).bits < 32
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype training bounds are computed in: the weight's, and never below float32."""
+    return torch.promote_types(weight.dtype, torch.float32)
 
 
 def scaled_weight(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``weight * factor``. A bf16 or fp16 weight is multiplied in float32 and rounded once:
-    rounding the factor to the weight's dtype first, then the product, put a bf16 layer's norm
+    """``weight * factor``, taken in :func:`compute_dtype` and rounded once: for a bf16 or fp16
+    weight, rounding the factor to its dtype first and then the product put the layer's norm
     up to 1.004 K (two roundings of 2^-8 each); one rounding leaves at most one."""
-    if _narrow(weight):
-        return (weight.float() * factor.float()).to(weight.dtype)
-    return weight * factor.to(weight.dtype)
+    wide = compute_dtype(weight)
+    return (weight.to(wide) * factor.to(wide)).to(weight.dtype)
 
 
 def bound_floor(dtype: torch.dtype) -> float:
